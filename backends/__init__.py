@@ -1,0 +1,1 @@
+"""gradcore.backends: native fast paths, imported lazily by gradcore._dispatch."""

@@ -1,0 +1,369 @@
+r"""Array-API namespaces, devices and backends.
+
+Every public kernel starts with ``xp = get_namespace(*arrays, xp=xp)``: the namespace
+of its inputs as :mod:`array_api_compat` sees it (``array_api_compat.numpy`` for NumPy
+arrays, ``jax.numpy`` for JAX, ...). Mixing libraries or devices is an error that names
+both sides, raised before any work is done.
+
+:func:`backend` turns a name ("numpy", "cupy", "torch", "jax", "dask",
+"array_api_strict") into a :class:`Backend`: the namespace, a device, and the few
+host-side helpers that training and benchmarking need (moving data in and out,
+synchronising a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "available_backends",
+    "backend",
+    "backend_name",
+    "get_namespace",
+    "to_numpy",
+]
+
+#: Every backend name :func:`backend` understands, in the order they are listed.
+BACKEND_NAMES = ("numpy", "cupy", "torch", "jax", "dask", "array_api_strict")
+
+_SCALAR_TYPES = (bool, int, float, complex)
+
+_NAMESPACE_TESTS: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+    ("numpy", array_api_compat.is_numpy_namespace),
+    ("cupy", array_api_compat.is_cupy_namespace),
+    ("torch", array_api_compat.is_torch_namespace),
+    ("jax", array_api_compat.is_jax_namespace),
+    ("dask", array_api_compat.is_dask_namespace),
+    ("array_api_strict", array_api_compat.is_array_api_strict_namespace),
+)
+
+
+def backend_name(xp: Any) -> str:
+    """The short name of an array-API namespace ("numpy", "torch", ...).
+
+    Namespaces that gradcore has no name for get their module name, so that error
+    messages stay readable for any compliant library.
+    """
+    for name, test in _NAMESPACE_TESTS:
+        if test(xp):
+            return name
+    return str(getattr(xp, "__name__", type(xp).__name__))
+
+
+def _library_of(x: Any) -> str:
+    return backend_name(array_api_compat.array_namespace(x))
+
+
+def get_namespace(*arrays: Any, xp: Any = None) -> Any:
+    r"""The array-API namespace shared by ``arrays``.
+
+    Parameters
+    ----------
+    *arrays : array or Python scalar or None
+        The inputs of a kernel. Python scalars and ``None`` are skipped.
+    xp : namespace, optional
+        Returned as it is when given (the caller already knows the namespace).
+
+    Returns
+    -------
+    namespace
+        As returned by :func:`array_api_compat.array_namespace`.
+
+    Raises
+    ------
+    TypeError
+        If the arrays belong to two different libraries (both are named), or if no
+        array is given and ``xp`` is None.
+    ValueError
+        If the arrays live on two different devices (both are named).
+    """
+    if xp is not None:
+        return xp
+    found = [a for a in arrays if a is not None and not isinstance(a, _SCALAR_TYPES)]
+    if not found:
+        raise TypeError("get_namespace needs at least one array (got only scalars or None)")
+    first = found[0]
+    try:
+        namespace = array_api_compat.array_namespace(first)
+    except TypeError as exc:
+        raise TypeError(f"expected an array, got {type(first).__name__}") from exc
+    first_device = array_api_compat.device(first)
+    for other in found[1:]:
+        try:
+            other_ns = array_api_compat.array_namespace(other)
+        except TypeError as exc:
+            raise TypeError(f"expected an array, got {type(other).__name__}") from exc
+        if other_ns is not namespace:
+            raise TypeError(
+                "arrays from two different libraries: "
+                f"{backend_name(namespace)} ({type(first).__name__}) and "
+                f"{backend_name(other_ns)} ({type(other).__name__}); "
+                "convert them to one library first"
+            )
+        other_device = array_api_compat.device(other)
+        if other_device != first_device:
+            raise ValueError(
+                f"arrays on two different devices: {first_device!r} and {other_device!r}; "
+                "move them to one device first"
+            )
+    return namespace
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy (or view) an array of any supported library as a NumPy array on the host.
+
+    Dask arrays are computed; GPU arrays are copied to the host (a synchronisation).
+    Python scalars and sequences go through :func:`numpy.asarray`.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if not array_api_compat.is_array_api_obj(x):
+        return np.asarray(x)
+    if array_api_compat.is_cupy_array(x):
+        return x.get()  # type: ignore[no-any-return]
+    if array_api_compat.is_torch_array(x):
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()  # type: ignore[no-any-return]
+    if array_api_compat.is_dask_array(x):
+        return np.asarray(x.compute())
+    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
+        xps = array_api_compat.array_namespace(x)
+        cpu = xps.Device("CPU_DEVICE")
+        if x.device != cpu:
+            x = x.to_device(cpu)
+        return np.from_dlpack(x)
+    return np.asarray(x)
+
+
+def _dtype_of(xp: Any, dtype: Any) -> Any:
+    """Resolve ``dtype`` (a name, a NumPy dtype, or a dtype of ``xp``) in ``xp``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            return dtype
+    try:
+        return getattr(xp, name)
+    except AttributeError:
+        raise TypeError(f"dtype {name!r} is not available in {backend_name(xp)}") from None
+
+
+@dataclass(frozen=True)
+class Backend:
+    r"""An array library and a device, with host-side helpers.
+
+    Attributes
+    ----------
+    name : str
+        One of :data:`BACKEND_NAMES`.
+    xp : namespace
+        The array-API namespace (as :func:`get_namespace` would return it).
+    device : object
+        A device of that library, passed as ``device=`` to creation functions.
+    """
+
+    name: str
+    xp: Any
+    device: Any
+    _module: ModuleType | None = field(default=None, repr=False, compare=False)
+
+    def asarray(self, obj: Any, dtype: Any = None) -> Any:
+        """Make an array of this backend on its device.
+
+        ``obj`` may be anything :func:`numpy.asarray` accepts or an array of any
+        supported library (it is moved through the host). ``dtype`` may be a name
+        ("float32"), a NumPy dtype, or a dtype of this backend.
+        """
+        if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.ndarray):
+            if array_api_compat.array_namespace(obj) is not self.xp:
+                obj = to_numpy(obj)
+        if isinstance(obj, np.ndarray) and self.name == "array_api_strict":
+            # array-api-strict refuses NumPy arrays as input; a plain copy through
+            # a list would lose speed and dtype, so go through DLPack on the CPU.
+            obj = np.ascontiguousarray(obj)
+            return self.xp.asarray(
+                self.xp.from_dlpack(obj), dtype=_dtype_of(self.xp, dtype), device=self.device
+            )
+        if isinstance(obj, np.ndarray) and self.name == "torch":
+            import torch
+
+            t = torch.from_numpy(np.ascontiguousarray(obj))
+            return t.to(device=self.device, dtype=_dtype_of(self.xp, dtype), copy=True)
+        return self.xp.asarray(obj, dtype=_dtype_of(self.xp, dtype), device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """The array as a NumPy array on the host (see :func:`gradcore.to_numpy`)."""
+        return to_numpy(x)
+
+    def synchronize(self) -> None:
+        """Wait until all work queued on this backend's device has finished."""
+        if self.name == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(self.device.id):
+                cupy.cuda.get_current_stream().synchronize()
+        elif self.name == "torch":
+            import torch
+
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        elif self.name == "jax":
+            import jax
+
+            jax.effects_barrier()
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.device}"
+
+
+def _import_backend_module(name: str) -> ModuleType:
+    module = {
+        "numpy": "numpy",
+        "cupy": "cupy",
+        "torch": "torch",
+        "jax": "jax",
+        "dask": "dask.array",
+        "array_api_strict": "array_api_strict",
+    }[name]
+    return importlib.import_module(module)
+
+
+def _cuda_device_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CuPy, no driver, or no device: all mean "no GPU"
+        return 0
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can be used here, in :data:`BACKEND_NAMES` order.
+
+    A backend is listed when its library imports; CuPy only when a CUDA device is
+    visible as well.
+    """
+    names = []
+    for name in BACKEND_NAMES:
+        if name == "cupy":
+            if _cuda_device_count() > 0:
+                names.append(name)
+            continue
+        try:
+            _import_backend_module(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def _make_device(name: str, module: Any, device: Any) -> Any:
+    if name == "numpy":
+        if device not in (None, "cpu"):
+            raise ValueError(f"backend 'numpy' has only the device 'cpu', not {device!r}")
+        return "cpu"
+    if name == "dask":
+        if device not in (None, "cpu"):
+            raise ValueError(f"backend 'dask' has only the device 'cpu', not {device!r}")
+        return "cpu"
+    if name == "torch":
+        return module.device("cpu" if device is None else device)
+    if name == "cupy":
+        if device is None:
+            return module.cuda.Device()
+        if isinstance(device, str):
+            device = int(device.rsplit(":", 1)[-1]) if ":" in device else 0
+        if isinstance(device, int):
+            return module.cuda.Device(device)
+        return device
+    if name == "jax":
+        if device is None:
+            return module.devices()[0]
+        if isinstance(device, str):
+            platform, _, index = device.partition(":")
+            try:
+                return module.devices(platform)[int(index or 0)]
+            except (RuntimeError, IndexError) as exc:
+                raise ValueError(f"JAX has no device {device!r}: {exc}") from None
+        return device
+    if name == "array_api_strict":
+        if device is None:
+            return module.Device("CPU_DEVICE")
+        if isinstance(device, str):
+            return module.Device(device)
+        return device
+    raise AssertionError(name)  # pragma: no cover
+
+
+def backend(name: str, device: Any = None) -> Backend:
+    r"""The :class:`Backend` called ``name``, on ``device`` (its default device if None).
+
+    Parameters
+    ----------
+    name : {"numpy", "cupy", "torch", "jax", "dask", "array_api_strict"}
+        The array library ("array-api-strict" is accepted too).
+    device : str or int or device, optional
+        "cpu", "cuda:1", 1 (a CuPy device index), "gpu:0" (JAX), "device1"
+        (array-api-strict's fake second device), or a device object of the library.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, an uninstalled library, or a device the library lacks;
+        the message lists the backends available here.
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key not in BACKEND_NAMES:
+        raise ValueError(
+            f"unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)} "
+            f"(available here: {', '.join(available_backends())})"
+        )
+    try:
+        module = _import_backend_module(key)
+    except ImportError as exc:
+        raise ValueError(
+            f"backend {key!r} is not installed ({exc}); "
+            f"available here: {', '.join(available_backends())}"
+        ) from None
+    if key == "cupy" and _cuda_device_count() == 0:
+        raise ValueError(
+            "backend 'cupy' needs a CUDA device and none is visible; "
+            f"available here: {', '.join(available_backends())}"
+        )
+    dev = _make_device(key, module, device)
+    if key == "numpy":
+        xp = array_api_compat.array_namespace(np.empty(0))
+    elif key == "jax":
+        import jax.numpy as jnp
+
+        xp = jnp
+    elif key == "dask":
+        import array_api_compat.dask.array as dxp
+
+        xp = dxp
+    elif key == "torch":
+        import array_api_compat.torch as txp
+
+        xp = txp
+    elif key == "cupy":
+        import array_api_compat.cupy as cxp
+
+        xp = cxp
+    else:
+        xp = module
+    return Backend(key, xp, dev, module)
