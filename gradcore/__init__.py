@@ -6,7 +6,10 @@ backends with a faster native version (fused NumPy passes, CUDA kernels) take it
 automatically. See ``docs/backprop.md`` for the math.
 """
 
-from . import _dispatch, _namespace, activations, jacobian, linear, losses
+from . import activations as _activations
+from . import jacobian as _jacobian
+from . import linear as _linear
+from . import losses as _losses
 from ._dispatch import (
     dispatchable,
     get_num_threads,
@@ -44,10 +47,10 @@ __all__ = [
     "set_num_threads",
     "to_numpy",
     "use_fast_paths",
-    *activations.__all__,
-    *jacobian.__all__,
-    *linear.__all__,
-    *losses.__all__,
+    *_activations.__all__,
+    *_jacobian.__all__,
+    *_linear.__all__,
+    *_losses.__all__,
 ]
 
 

@@ -83,7 +83,11 @@ def _import_backend(name: str) -> None:
     with _lock:
         _imported.add(name)
     if module is not None:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a dependency of the backend module is missing: a bug
+                raise
 
 
 def fast_path_for(op: str, xp: Any) -> Callable[..., Any] | None:
