@@ -129,12 +129,12 @@ def to_numpy(x: Any) -> np.ndarray:
     if not array_api_compat.is_array_api_obj(x):
         return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
-        return x.get()  # type: ignore[no-any-return]
+        return x.get()
     if array_api_compat.is_torch_array(x):
         t = x.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
             t = t.float()
-        return t.numpy()  # type: ignore[no-any-return]
+        return t.numpy()
     if array_api_compat.is_dask_array(x):
         return np.asarray(x.compute())
     if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
@@ -189,20 +189,29 @@ class Backend:
         supported library (it is moved through the host). ``dtype`` may be a name
         ("float32"), a NumPy dtype, or a dtype of this backend.
         """
-        if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.ndarray):
-            if array_api_compat.array_namespace(obj) is not self.xp:
-                obj = to_numpy(obj)
+        if (
+            array_api_compat.is_array_api_obj(obj)
+            and not isinstance(obj, np.ndarray)
+            and array_api_compat.array_namespace(obj) is not self.xp
+        ):
+            obj = to_numpy(obj)
         if isinstance(obj, np.ndarray) and self.name == "array_api_strict":
             # array-api-strict refuses NumPy arrays as input; a plain copy through
             # a list would lose speed and dtype, so go through DLPack on the CPU.
-            obj = np.ascontiguousarray(obj)
+            # (np.asarray, not np.ascontiguousarray: the latter turns 0-d into 1-d.)
+            obj = np.asarray(obj, order="C")
             return self.xp.asarray(
                 self.xp.from_dlpack(obj), dtype=_dtype_of(self.xp, dtype), device=self.device
             )
         if isinstance(obj, np.ndarray) and self.name == "torch":
             import torch
 
-            t = torch.from_numpy(np.ascontiguousarray(obj))
+            obj = np.asarray(obj, order="C")
+            if not obj.flags.writeable:
+                # torch.from_numpy warns on read-only memory (a NumPy view of a JAX
+                # array, a read-only test input); the copy below happens anyway.
+                obj = obj.copy()
+            t = torch.from_numpy(obj)
             return t.to(device=self.device, dtype=_dtype_of(self.xp, dtype), copy=True)
         return self.xp.asarray(obj, dtype=_dtype_of(self.xp, dtype), device=self.device)
 
