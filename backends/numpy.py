@@ -1,0 +1,635 @@
+r"""NumPy fast paths for the fused losses: cache-blocked, in place, threaded.
+
+The generic kernels in :mod:`gradcore.losses` make one full pass over memory per
+operation, each with a fresh temporary the size of the logits. Here the rows are
+processed in blocks that fit in a core's L2 cache; inside a block every NumPy ufunc
+writes into a preallocated scratch buffer (``out=``), so the logits are read from main
+memory once and the gradient is written once. Row blocks are spread over a pool of
+threads (NumPy ufuncs release the GIL); the pool is sized by
+:func:`gradcore.get_num_threads` and reused across calls.
+
+Softmax cross-entropy, per block of rows :math:`x` (shape ``(b, C)``):
+
+1. gather the target logits :math:`x_{i,y_i}` (and, with label smoothing, the row sums
+   :math:`\sum_c w_c x_{ic}`) before anything can overwrite them;
+2. ``exp(x)`` into the scratch block :math:`S` and its row sums :math:`s_i` — without
+   subtracting the row maximum. That is safe whenever :math:`s_i` is finite and not
+   tiny; rows where it is not (huge or very negative logits, ``inf``, NaN) are redone
+   the textbook way, with the maximum subtracted, from the untouched input block;
+3. one multiply writes the gradient :math:`S\cdot c_i` where
+   :math:`c_i = \mathrm{scale}\cdot a_i / s_i` folds the softmax normalisation, the
+   coefficient :math:`a_i` of the loss (weights, smoothing, z-loss) and the mean's
+   :math:`1/\sum w_{y}` into one per-row factor;
+4. the target term is subtracted at one index per row.
+
+The log-sum-exp :math:`\log s_i` and the loss are accumulated in float64 per row.
+MSE and BCE-with-logits use the same blocking over flat chunks.
+
+Every fast path first calls the generic kernel's ``_validate_*`` function, so errors are
+the same on both paths, and returns ``NotImplemented`` (the generic code then runs) for
+dtypes other than float32/float64, empty inputs and non-NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import array_api_compat.numpy as np_compat
+import numpy as np
+
+from gradcore._dispatch import get_num_threads, register_fast_path
+from gradcore.losses import _validate_bce, _validate_mse, _validate_xent
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "mse",
+    "softmax_cross_entropy",
+]
+
+#: Bytes of one block's scratch buffer (a core's L2 holds it with room to stream).
+BLOCK_BYTES = 512 * 1024
+#: Below this many elements a call runs on the calling thread only.
+MIN_PARALLEL_ELEMENTS = 1 << 17
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# --- threads ---------------------------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gradcore")
+            _pool_size = n
+        return _pool
+
+
+def _parallel(n_rows: int, block_rows: int, n_elements: int, work: Callable[..., None]) -> None:
+    """Run ``work(start, stop)`` over ``[0, n_rows)`` split into per-thread chunks.
+
+    Chunks are whole multiples of ``block_rows`` (except the last), so every thread
+    iterates over full blocks and only the final block is ragged.
+    """
+    n_blocks = -(-n_rows // block_rows)
+    threads = min(get_num_threads(), n_blocks)
+    if threads <= 1 or n_elements < MIN_PARALLEL_ELEMENTS:
+        work(0, n_rows)
+        return
+    edges = [min(n_rows, (n_blocks * k // threads) * block_rows) for k in range(threads + 1)]
+    pool = _executor(get_num_threads())
+    futures = [pool.submit(work, lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
+    for f in futures:
+        f.result()
+
+
+# --- layout helpers --------------------------------------------------------------------
+
+
+def _rows_view(a: np.ndarray, axis: int, n_cols: int) -> np.ndarray | None:
+    """``a`` with ``axis`` moved last, as a (rows, n_cols) view, or None if that needs a copy."""
+    v = np.moveaxis(a, axis, -1) if axis != a.ndim - 1 else a
+    try:
+        return np.reshape(v, (-1, n_cols), copy=False)
+    except ValueError:
+        return None
+
+
+def _rows_input(a: np.ndarray, axis: int, n_cols: int) -> np.ndarray:
+    v = _rows_view(a, axis, n_cols)
+    if v is None:  # rows can't be one strided axis: read from a contiguous copy
+        v = np.ascontiguousarray(np.moveaxis(a, axis, -1)).reshape(-1, n_cols)
+    return v
+
+
+class _Target:
+    """Where a gradient goes: a (rows, cols) view, plus a copy-back when none exists."""
+
+    def __init__(self, dest: np.ndarray | None, shape: tuple[int, ...], axis: int, dtype: Any):
+        n_cols = shape[axis]
+        self.dest = dest
+        self.axis = axis
+        self.copy_back = False
+        if dest is None:
+            moved = shape[:axis] + shape[axis + 1 :] + (n_cols,)
+            full = np.empty(moved, dtype=dtype)
+            self.rows = full.reshape(-1, n_cols)
+            self.result = np.moveaxis(full, -1, axis) if axis != len(shape) - 1 else full
+            return
+        v = _rows_view(dest, axis, n_cols)
+        if v is None:
+            v = np.empty((math.prod(shape) // max(n_cols, 1), n_cols), dtype=dtype)
+            self.copy_back = True
+        self.rows = v
+        self.result = dest
+
+    def finish(self) -> np.ndarray:
+        if self.copy_back:
+            assert self.dest is not None
+            moved = np.moveaxis(self.dest, self.axis, -1)
+            np.copyto(moved, self.rows.reshape(moved.shape))
+        return self.result
+
+
+def _aliases(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the very same memory with the same layout."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
+
+
+def _grad_target(
+    x: np.ndarray, axis: int, out: np.ndarray | None, inplace: bool, reads: list[np.ndarray]
+) -> _Target:
+    """The gradient's destination; ``out`` that partly overlaps an input gets a copy-back."""
+    dest = x if inplace else out
+    target = _Target(dest, x.shape, axis, x.dtype)
+    if dest is not None and not inplace and not target.copy_back:
+        for r in reads:
+            if np.may_share_memory(dest, r) and not _aliases(dest, r):
+                target.rows = np.empty_like(target.rows)
+                target.copy_back = True
+                break
+    return target
+
+
+def _stable_limits(dtype: np.dtype) -> float:
+    # A row sum of exp(x) at least sqrt(tiny) means every entry that underflowed is
+    # far below the precision of the largest one, so skipping the max shift is exact.
+    return float(np.sqrt(np.finfo(dtype).tiny))
+
+
+def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray]:
+    """exp(x) into ``s``; return (row sums in float64, per-row shift = log-sum-exp offset)."""
+    np.exp(x, out=s)
+    sums = np.add.reduce(s, axis=1).astype(np.float64)
+    ok = sums >= tiny
+    ok &= sums <= np.inf  # false for inf and NaN
+    shift = np.zeros_like(sums)
+    if not ok.all():
+        idx = np.flatnonzero(~ok)
+        xb = x[idx]  # a copy; the input block itself is never written here
+        m = np.max(xb, axis=1)
+        m[~np.isfinite(m)] = 0.0
+        xb -= m[:, None]
+        np.exp(xb, out=xb)
+        s[idx] = xb
+        sums[idx] = np.add.reduce(xb, axis=1)
+        shift[idx] = m
+    return sums, shift
+
+
+# --- softmax cross-entropy --------------------------------------------------------------
+
+
+def _xent_prologue(logits: Any, labels: Any, weight: Any, out: Any) -> bool:
+    if not isinstance(logits, np.ndarray) or not isinstance(labels, np.ndarray):
+        return False
+    if logits.dtype not in _FAST_DTYPES or logits.size == 0:
+        return False
+    if weight is not None and not isinstance(weight, np.ndarray):
+        return False
+    return out is None or isinstance(out, np.ndarray)
+
+
+@register_fast_path("numpy", "softmax_cross_entropy")
+def softmax_cross_entropy(
+    logits: Any,
+    labels: Any,
+    /,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    check_labels: bool | None = None,
+    out: Any = None,
+    inplace: bool = False,
+) -> Any:
+    """Blocked, threaded NumPy version of :func:`gradcore.softmax_cross_entropy`."""
+    if not _xent_prologue(logits, labels, weight, out):
+        return NotImplemented
+    args = _validate_xent(
+        logits,
+        labels,
+        axis=axis,
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        z_loss=z_loss,
+        check_labels=check_labels,
+        out=out,
+        inplace=inplace,
+        xp=np_compat,
+    )
+    dtype = logits.dtype
+    ax, C = args.axis, args.num_classes
+    eps, z = args.label_smoothing, args.z_loss
+    rows_shape = logits.shape[:ax] + logits.shape[ax + 1 :]
+    N = math.prod(rows_shape)
+
+    X = _rows_input(logits, ax, C)
+    reads = [logits, labels] + ([] if weight is None else [weight])
+    target = _grad_target(logits, ax, out, inplace, reads)
+    G = target.rows
+    w64 = None if weight is None else np.asarray(weight, dtype=np.float64)
+    W = float(C) if w64 is None else float(w64.sum())
+    wv = None if w64 is None else w64.astype(dtype)
+    tiny = _stable_limits(dtype)
+    block = max(1, BLOCK_BYTES // (C * dtype.itemsize))
+    row_loss = np.empty(N, dtype=np.float64)
+
+    if args.soft:
+        Y = _rows_input(labels, ax, C)
+        if Y.dtype != dtype:
+            Y = Y.astype(dtype)
+        scale = 1.0 / N if args.reduction == "mean" else 1.0
+        work = _soft_worker(X, Y, G, row_loss, wv, eps, z, scale, tiny, block)
+        bad_rows = None
+    else:
+        lab = np.reshape(labels, -1).astype(np.intp, copy=False)
+        ignored = lab == ignore_index
+        in_range = (lab >= 0) & (lab < C)
+        active = in_range & ~ignored
+        bad = ~ignored & ~in_range
+        bad_rows = bad if bad.any() else None
+        lab_safe = np.where(in_range, lab, 0)
+        if w64 is None:
+            w_y = active.astype(np.float64)
+        else:
+            w_y = np.where(active, w64[lab_safe], 0.0)
+        with np.errstate(divide="ignore"):
+            scale = 1.0 / w_y.sum() if args.reduction == "mean" else 1.0
+        with np.errstate(invalid="ignore"):
+            at_label = ((1.0 - eps) * scale * w_y).astype(dtype)
+            dense: Any = None
+            if eps > 0.0:
+                dense = (eps / C) * scale * (1.0 if w64 is None else w64)
+                dense = np.asarray(dense).astype(dtype)
+        work = _hard_worker(
+            X, G, row_loss, lab_safe, active, bad_rows, w_y, at_label, dense, wv,
+            eps, z, W, scale, tiny, block,
+        )  # fmt: skip
+
+    _parallel(N, block, N * C, work)
+    grad = target.finish()
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if args.reduction == "none":
+            loss = row_loss.astype(dtype).reshape(rows_shape)
+        else:
+            total = float(np.sum(row_loss))
+            if bad_rows is not None:
+                total = math.nan
+            loss = np.asarray(total * scale if args.reduction == "mean" else total, dtype=dtype)
+    return loss, grad
+
+
+def _hard_worker(
+    X: np.ndarray,
+    G: np.ndarray,
+    row_loss: np.ndarray,
+    lab: np.ndarray,
+    active: np.ndarray,
+    bad: np.ndarray | None,
+    w_y: np.ndarray,
+    at_label: np.ndarray,
+    dense: Any,
+    wv: np.ndarray | None,
+    eps: float,
+    z: float,
+    W: float,
+    scale: float,
+    tiny: float,
+    block: int,
+) -> Callable[[int, int], None]:
+    """The per-thread loop of the integer-label path over row blocks ``[start, stop)``."""
+    dtype = X.dtype
+    C = X.shape[1]
+
+    def work(start: int, stop: int) -> None:
+        S = np.empty((min(block, stop - start), C), dtype=dtype)
+        ar = np.arange(S.shape[0])
+        for r0 in range(start, stop, block):
+            r1 = min(stop, r0 + block)
+            n = r1 - r0
+            x, g, s, i = X[r0:r1], G[r0:r1], S[:n], ar[:n]
+            lb, act, wy = lab[r0:r1], active[r0:r1], w_y[r0:r1]
+            # Everything read from x happens before g (possibly x itself) is written.
+            picked = x[i, lb].astype(np.float64)
+            if eps > 0.0:
+                xw = (np.add.reduce(x, axis=1) if wv is None else x @ wv).astype(np.float64)
+            sums, shift = _exp_rows(x, s, tiny)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                lse = np.log(sums)
+                lse += shift
+                a = (1.0 - eps) * wy
+                loss = a * (lse - picked)
+                if eps > 0.0:
+                    a += (eps / C) * W * act
+                    loss += np.where(act, (eps / C) * (W * lse - xw), 0.0)
+                if z > 0.0:
+                    a += (2.0 * z) * lse * act
+                    loss += np.where(act, z * lse * lse, 0.0)
+                coef = a * scale / sums
+                np.multiply(s, coef.astype(dtype)[:, None], out=g)
+                if dense is not None:
+                    g -= dense
+                    g[~act] = 0
+                g[i, lb] -= at_label[r0:r1]
+            if bad is not None:
+                b = bad[r0:r1]
+                if b.any():
+                    g[b] = np.nan
+                    loss[b] = np.nan
+            row_loss[r0:r1] = loss
+
+    return work
+
+
+def _soft_worker(
+    X: np.ndarray,
+    Y: np.ndarray,
+    G: np.ndarray,
+    row_loss: np.ndarray,
+    wv: np.ndarray | None,
+    eps: float,
+    z: float,
+    scale: float,
+    tiny: float,
+    block: int,
+) -> Callable[[int, int], None]:
+    """The per-thread loop of the soft-label path over row blocks ``[start, stop)``."""
+    dtype = X.dtype
+    C = X.shape[1]
+    mix = eps > 0.0 or wv is not None
+
+    def work(start: int, stop: int) -> None:
+        S = np.empty((min(block, stop - start), C), dtype=dtype)
+        T = np.empty_like(S) if mix else None
+        for r0 in range(start, stop, block):
+            r1 = min(stop, r0 + block)
+            n = r1 - r0
+            x, g, s, y = X[r0:r1], G[r0:r1], S[:n], Y[r0:r1]
+            t = y
+            if T is not None:
+                t = T[:n]
+                np.multiply(y, 1.0 - eps, out=t)
+                if eps > 0.0:
+                    t += eps / C
+                if wv is not None:
+                    t *= wv
+            with np.errstate(invalid="ignore", over="ignore"):
+                mass = np.add.reduce(t, axis=1).astype(np.float64)
+                dot = np.einsum("ij,ij->i", t, x).astype(np.float64)
+            odd = ~np.isfinite(dot)
+            if odd.any():
+                # 0 * (-inf) for a masked class with no target mass counts as 0.
+                k = np.flatnonzero(odd)
+                tk, xk = t[k], x[k]
+                with np.errstate(invalid="ignore"):
+                    prod = np.where(tk == 0, 0.0, tk.astype(np.float64) * xk)
+                dot[k] = prod.sum(axis=1)
+            sums, shift = _exp_rows(x, s, tiny)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                lse = np.log(sums)
+                lse += shift
+                loss = mass * lse - dot
+                a = mass
+                if z > 0.0:
+                    loss += z * lse * lse
+                    a = a + (2.0 * z) * lse
+                coef = a * scale / sums
+                np.multiply(s, coef.astype(dtype)[:, None], out=g)
+                if scale != 1.0:
+                    np.multiply(t, scale, out=s)
+                    g -= s
+                else:
+                    g -= t
+            row_loss[r0:r1] = loss
+
+    return work
+
+
+# --- elementwise losses: MSE and BCE-with-logits ------------------------------------------
+
+
+def _elementwise_prologue(x: Any, *others: Any) -> bool:
+    if not isinstance(x, np.ndarray) or x.dtype not in _FAST_DTYPES or x.size == 0:
+        return False
+    return all(o is None or isinstance(o, np.ndarray) for o in others)
+
+
+class _Elementwise:
+    """Blocked views of same-shaped inputs (plus broadcast extras) and the gradient.
+
+    C-contiguous operands are flattened into 1-D chunks; anything else is blocked along
+    its first axis, where NumPy's ufuncs handle strides and broadcasting.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        full: list[np.ndarray],
+        extras: list[np.ndarray | None],
+        out: np.ndarray | None,
+        inplace: bool,
+        reduction: str,
+        block_elems: int,
+    ) -> None:
+        shape = x.shape if x.ndim else (1,)
+        self.shape = x.shape
+        dest = x if inplace else out
+        self.dest = dest
+        self.copy_back = False
+        if dest is not None and not inplace:
+            reads = [x, *full, *(e for e in extras if e is not None)]
+            self.copy_back = any(
+                np.may_share_memory(dest, r) and not _aliases(dest, r) for r in reads
+            )
+        grad = np.empty(shape, x.dtype) if dest is None or self.copy_back else dest.reshape(shape)
+        self.grad = grad
+        self.elementwise = np.empty(shape, x.dtype) if reduction == "none" else None
+        ops: list[np.ndarray] = [x.reshape(shape), *(a.reshape(shape) for a in full), grad]
+        if self.elementwise is not None:
+            ops.append(self.elementwise)
+        flat = all(a.flags.c_contiguous for a in ops) and all(
+            e is None or (e.shape == x.shape and e.flags.c_contiguous) for e in extras
+        )
+        self.ops: list[np.ndarray]
+        self.extras: list[np.ndarray | None]
+        if flat:
+            self.ops = [a.reshape(-1) for a in ops]
+            self.extras = [None if e is None else e.reshape(-1) for e in extras]
+            self.block = block_elems
+        else:
+            self.ops = ops
+            self.extras = [None if e is None else np.broadcast_to(e, shape) for e in extras]
+            self.block = max(1, block_elems // max(1, math.prod(shape[1:])))
+        self.rows = self.ops[0].shape[0]
+        self.partials: dict[int, float] = {}
+
+    def finish(self, reduction: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        dtype = self.grad.dtype
+        if self.elementwise is not None:
+            loss = self.elementwise.reshape(self.shape)
+        else:
+            total = math.fsum(self.partials[k] for k in sorted(self.partials))
+            loss = np.asarray(total * scale if reduction == "mean" else total, dtype=dtype)
+        grad = self.grad.reshape(self.shape)
+        if self.dest is None:
+            return loss, grad
+        if self.copy_back:
+            np.copyto(self.dest, grad)
+        return loss, self.dest
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return float(np.dot(a.reshape(-1), b.reshape(-1)))
+    return float(np.einsum("...,...->", a, b, dtype=np.float64))
+
+
+@register_fast_path("numpy", "mse")
+def mse(
+    pred: Any,
+    target: Any,
+    /,
+    *,
+    weight: Any = None,
+    reduction: str = "mean",
+    out: Any = None,
+    inplace: bool = False,
+) -> Any:
+    """Blocked, threaded NumPy version of :func:`gradcore.mse`."""
+    if not _elementwise_prologue(pred, target, weight, out):
+        return NotImplemented
+    reduction = _validate_mse(
+        pred, target, weight=weight, reduction=reduction, out=out, inplace=inplace, xp=np_compat
+    )
+    dtype = pred.dtype
+    scale = 1.0 / pred.size if reduction == "mean" else 1.0
+    factor = dtype.type(2.0 * scale)
+    plan = _Elementwise(
+        pred, [target], [weight], out, inplace, reduction, BLOCK_BYTES // dtype.itemsize
+    )
+    P, T, G = plan.ops[0], plan.ops[1], plan.ops[2]
+    L = plan.elementwise is not None and plan.ops[3]
+    Wt = plan.extras[0]
+
+    def work(start: int, stop: int) -> None:
+        S = None if Wt is None else np.empty((min(plan.block, stop - start), *G.shape[1:]), dtype)
+        for r0 in range(start, stop, plan.block):
+            r1 = min(stop, r0 + plan.block)
+            g = G[r0:r1]
+            np.subtract(P[r0:r1], T[r0:r1], out=g)
+            if Wt is None:
+                plan.partials[r0] = _dot(g, g)
+                if L is not False:
+                    np.multiply(g, g, out=L[r0:r1])
+                g *= factor
+            else:
+                wd = S[: r1 - r0]  # type: ignore[index]
+                np.multiply(g, Wt[r0:r1], out=wd)
+                plan.partials[r0] = _dot(wd, g)
+                if L is not False:
+                    np.multiply(wd, g, out=L[r0:r1])
+                np.multiply(wd, factor, out=g)
+
+    _parallel(plan.rows, plan.block, pred.size, work)
+    return plan.finish(reduction, scale)
+
+
+@register_fast_path("numpy", "binary_cross_entropy_with_logits")
+def binary_cross_entropy_with_logits(
+    logits: Any,
+    targets: Any,
+    /,
+    *,
+    weight: Any = None,
+    pos_weight: Any = None,
+    reduction: str = "mean",
+    out: Any = None,
+    inplace: bool = False,
+) -> Any:
+    """Blocked, threaded NumPy version of :func:`gradcore.binary_cross_entropy_with_logits`."""
+    if not _elementwise_prologue(logits, targets, weight, pos_weight, out):
+        return NotImplemented
+    reduction = _validate_bce(
+        logits,
+        targets,
+        weight=weight,
+        pos_weight=pos_weight,
+        reduction=reduction,
+        out=out,
+        inplace=inplace,
+        xp=np_compat,
+    )
+    dtype = logits.dtype
+    scale = 1.0 / logits.size if reduction == "mean" else 1.0
+    plan = _Elementwise(
+        logits,
+        [targets],
+        [weight, pos_weight],
+        out,
+        inplace,
+        reduction,
+        BLOCK_BYTES // (4 * dtype.itemsize),
+    )
+    X, Y, G = plan.ops[0], plan.ops[1], plan.ops[2]
+    L = plan.elementwise is not None and plan.ops[3]
+    Wt, Q = plan.extras
+    one = dtype.type(1.0)
+
+    def work(start: int, stop: int) -> None:
+        for r0 in range(start, stop, plan.block):
+            r1 = min(stop, r0 + plan.block)
+            x, g = X[r0:r1], G[r0:r1]
+            y = Y[r0:r1].astype(dtype, copy=False)
+            e = np.abs(x)
+            np.negative(e, out=e)
+            np.exp(e, out=e)  # exp(-|x|) never overflows
+            l1p = np.log1p(e)
+            sp = np.maximum(x, 0)
+            sp += l1p  # softplus(x) = -log(1 - sigmoid(x))
+            sn = np.maximum(np.negative(x), 0)
+            sn += l1p  # softplus(-x) = -log(sigmoid(x)), without cancelling against x
+            sig = np.add(e, one)
+            np.divide(one, sig, out=sig)
+            np.multiply(e, sig, out=e, where=x < 0)
+            np.copyto(sig, e, where=x < 0)  # sigmoid(x), from the side that is stable
+            qy = y if Q is None else Q[r0:r1] * y
+            rest = one - y  # the negative term's weight (1 - y)
+            loss = qy * sn
+            loss += rest * sp
+            rest += qy
+            np.multiply(rest, sig, out=g)
+            g -= qy
+            if Wt is not None:
+                w = Wt[r0:r1]
+                loss *= w
+                g *= w
+            if scale != 1.0:
+                g *= dtype.type(scale)
+            if L is not False:
+                L[r0:r1] = loss
+            plan.partials[r0] = float(np.add.reduce(loss, axis=None, dtype=np.float64))
+
+    _parallel(plan.rows, plan.block, logits.size, work)
+    return plan.finish(reduction, scale)
