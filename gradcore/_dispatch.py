@@ -46,9 +46,7 @@ _registry: dict[tuple[str, str], Callable[..., Any]] = {}
 _cache: dict[tuple[str, Any], Callable[..., Any] | None] = {}
 _imported: set[str] = set()
 _lock = threading.Lock()
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "gradcore_fast_paths", default=True
-)
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("gradcore_fast_paths", default=True)
 
 
 def register_fast_path(backend: str, op: str) -> Callable[[F], F]:
@@ -80,14 +78,16 @@ def _import_backend(name: str) -> None:
     if name in _imported:
         return
     module = _BACKEND_MODULES.get(name)
-    with _lock:
-        _imported.add(name)
     if module is not None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:  # a dependency of the backend module is missing: a bug
                 raise
+    # Only once the import has succeeded (or there is no module): a backend module that
+    # fails must fail on every call, not once and then silently lose its fast paths.
+    with _lock:
+        _imported.add(name)
 
 
 def fast_path_for(op: str, xp: Any) -> Callable[..., Any] | None:

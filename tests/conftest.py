@@ -1,0 +1,3 @@
+"""Shared test configuration; the gradcore plugin itself comes in through its entry point."""
+
+pytest_plugins = ["pytester"]
