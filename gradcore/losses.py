@@ -434,7 +434,8 @@ def softmax_cross_entropy(
 
     if args.reduction == "mean":
         loss = xp.sum(row_loss) / divisor
-        grad = grad / divisor
+        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch.
+        grad = grad / xp.where(divisor == 0, xp.ones_like(divisor), divisor)
     elif args.reduction == "sum":
         loss = xp.sum(row_loss)
     else:
@@ -644,8 +645,9 @@ def binary_cross_entropy_with_logits(
     zero = xp.zeros((), dtype=cdtype, device=array_api_compat.device(x))
     e = xp.exp(-xp.abs(x))
     log1p_e = xp.log1p(e)
+    # Both softplus terms directly: softplus(x) - x would cancel catastrophically.
     softplus_pos = xp.maximum(x, zero) + log1p_e  # -log(1 - sigmoid(x))
-    softplus_neg = softplus_pos - x  # -log(sigmoid(x))
+    softplus_neg = xp.maximum(-x, zero) + log1p_e  # -log(sigmoid(x))
     sig = xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     qy = y if pos_weight is None else xp.astype(pos_weight, cdtype) * y
     elementwise = qy * softplus_neg + (1.0 - y) * softplus_pos
