@@ -59,8 +59,23 @@ def backend_name(xp: Any) -> str:
     return str(getattr(xp, "__name__", type(xp).__name__))
 
 
-def _library_of(x: Any) -> str:
-    return backend_name(array_api_compat.array_namespace(x))
+_NUMPY_NAMESPACE = array_api_compat.array_namespace(np.empty(0))
+_namespace_by_type: dict[type, Any] = {}
+
+
+def _namespace_of(x: Any) -> Any:
+    """The namespace of one array; cached per array type (kernels call this per array)."""
+    cls = type(x)
+    try:
+        return _namespace_by_type[cls]
+    except KeyError:
+        pass
+    try:
+        ns = array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        raise TypeError(f"expected an array, got {cls.__name__}") from exc
+    _namespace_by_type[cls] = ns
+    return ns
 
 
 def get_namespace(*arrays: Any, xp: Any = None) -> Any:
@@ -88,33 +103,35 @@ def get_namespace(*arrays: Any, xp: Any = None) -> Any:
     """
     if xp is not None:
         return xp
-    found = [a for a in arrays if a is not None and not isinstance(a, _SCALAR_TYPES)]
-    if not found:
-        raise TypeError("get_namespace needs at least one array (got only scalars or None)")
-    first = found[0]
-    try:
-        namespace = array_api_compat.array_namespace(first)
-    except TypeError as exc:
-        raise TypeError(f"expected an array, got {type(first).__name__}") from exc
-    first_device = array_api_compat.device(first)
-    for other in found[1:]:
-        try:
-            other_ns = array_api_compat.array_namespace(other)
-        except TypeError as exc:
-            raise TypeError(f"expected an array, got {type(other).__name__}") from exc
-        if other_ns is not namespace:
+    namespace = None
+    first: Any = None
+    first_device: Any = None
+    for a in arrays:
+        if a is None or isinstance(a, _SCALAR_TYPES):
+            continue
+        ns = _namespace_of(a)
+        if namespace is None:
+            namespace, first = ns, a
+            continue
+        if ns is not namespace:
             raise TypeError(
                 "arrays from two different libraries: "
                 f"{backend_name(namespace)} ({type(first).__name__}) and "
-                f"{backend_name(other_ns)} ({type(other).__name__}); "
+                f"{backend_name(ns)} ({type(a).__name__}); "
                 "convert them to one library first"
             )
-        other_device = array_api_compat.device(other)
+        if ns is _NUMPY_NAMESPACE:
+            continue  # one device only: skip the device comparison on the hot path
+        if first_device is None:
+            first_device = array_api_compat.device(first)
+        other_device = array_api_compat.device(a)
         if other_device != first_device:
             raise ValueError(
                 f"arrays on two different devices: {first_device!r} and {other_device!r}; "
                 "move them to one device first"
             )
+    if namespace is None:
+        raise TypeError("get_namespace needs at least one array (got only scalars or None)")
     return namespace
 
 
