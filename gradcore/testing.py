@@ -163,7 +163,7 @@ def assert_close(
             f"{prefix}library: got a {backend_name(actual_ns)} array, expected {backend_name(xp)}"
         )
     desired_is_array = array_api_compat.is_array_api_obj(desired)
-    if desired_is_array and not isinstance(desired, np.ndarray) or (
+    if (desired_is_array and not isinstance(desired, np.ndarray)) or (
         isinstance(desired, np.ndarray) and isinstance(actual, np.ndarray)
     ):
         desired_ns = array_api_compat.array_namespace(desired)
@@ -196,6 +196,15 @@ def assert_close(
     )
 
 
+def _as_float64(a: Any) -> Any:
+    if not array_api_compat.is_array_api_obj(a):
+        return a
+    ns = array_api_compat.array_namespace(a)
+    if ns.isdtype(a.dtype, "real floating") and a.dtype != ns.float64:
+        return ns.astype(a, ns.float64)
+    return a
+
+
 def check_vjp(
     f: Callable[..., Any],
     f_vjp: Callable[..., Any],
@@ -221,9 +230,11 @@ def check_vjp(
         ``f_vjp(v, *args) -> grad`` with the gradient of ``<v, f(*args)>`` with respect
         to ``args[argnum]`` (return a tuple and the ``argnum``-th element is used).
     *args : array
-        The point; ``args[argnum]`` is perturbed. Arrays of any library; they are
-        evaluated in float64 on NumPy's side for the reference.
+        The point; ``args[argnum]`` is perturbed. Arrays of any library; floating
+        arrays are cast to float64 in their own library first, so that the finite
+        differences are meaningful whatever the input dtype.
     """
+    args = tuple(_as_float64(a) for a in args)
     xp = array_api_compat.array_namespace(args[argnum])
     x = args[argnum]
     rng = np.random.default_rng(seed)
@@ -287,6 +298,14 @@ def pytest_addoption(parser: Any) -> None:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped when none is visible)")
+    try:
+        _selected_backends(config)
+    except ValueError as exc:
+        # A usage error at start-up (one line, exit code 4) rather than a collection
+        # error with a traceback in every module that uses the fixtures.
+        import pytest
+
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _selected_backends(config: Any) -> Sequence[str]:
@@ -351,7 +370,5 @@ def _register_fixtures() -> tuple[Any, Any]:
     )
 
 
-try:
+with contextlib.suppress(ImportError):  # without pytest the helpers above still work
     backend_fixture, xp_fixture = _register_fixtures()
-except ImportError:  # pytest is not installed: the helpers above still work
-    pass
