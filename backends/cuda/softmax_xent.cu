@@ -376,6 +376,7 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 const int j = j0 + k;
+                (void)j;
 #if SOFT
                 g[k] = fmaf(as, x[it][k], -info.scale * tw[it][k]);
 #else
