@@ -1,0 +1,502 @@
+r"""The ``gradcore`` command: ``train``, ``info`` and ``bench``.
+
+``gradcore train`` with no options trains an MLP on the built-in spirals with NumPy,
+prints one line per epoch and the final test accuracy, in a few seconds. The same run on
+a GPU is ``gradcore train --backend cupy``. ``gradcore info`` lists the array libraries
+and devices found here. Errors (an unknown option, a backend that is not installed, a
+missing file) print one line on stderr and exit with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+__all__ = ["main"]
+
+_DATASETS = ("spirals", "linear", "digits")
+_MODELS = ("mlp", "softmax", "linear")
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+_DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
+
+
+class _UsageError(Exception):
+    """A bad command line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> list[int]:
+    if not text.strip():
+        return []
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer widths like 64,64, got {text!r}"
+        ) from None
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
+    return widths
+
+
+def _build_parser() -> _Parser:
+    from ._namespace import BACKEND_NAMES
+    from .nn import ACTIVATIONS
+
+    parser = _Parser(
+        prog="gradcore",
+        description="Backpropagation kernels on any array library: train, inspect, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,info,bench}", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: an MLP on the spirals with NumPy)",
+        description="Train a model with gradcore's kernels and report test accuracy.",
+    )
+    t.add_argument("--backend", default="numpy", choices=BACKEND_NAMES, help="array library")
+    t.add_argument("--device", default=None, help="device of the backend (cuda:1, gpu:0, cpu)")
+    t.add_argument(
+        "--dataset",
+        default="spirals",
+        help="spirals, linear, digits, or a .npz (arrays X, y) / .csv (last column y) file",
+    )
+    t.add_argument(
+        "--model",
+        choices=_MODELS,
+        default=None,
+        help="mlp; softmax (logistic regression); linear (least squares)",
+    )
+    t.add_argument("--hidden", type=_widths, default=None, help="hidden widths (default 64,64)")
+    t.add_argument(
+        "--activation",
+        choices=tuple(ACTIVATIONS),
+        default=None,
+        help="hidden activation (default relu)",
+    )
+    t.add_argument(
+        "--optimizer",
+        choices=_OPTIMIZERS,
+        default=None,
+        help="default adam; sgd (with momentum) for --model linear",
+    )
+    t.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default 0.1 for sgd, 0.01 for adam and adamw)",
+    )
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument(
+        "--schedule",
+        choices=("constant", "step", "cosine"),
+        default="constant",
+        help="learning-rate schedule over the run",
+    )
+    t.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="passes over the training set (default 40; 20 for digits)",
+    )
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--seed", type=int, default=0, help="seeds the data, the weights, the batches")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--test-size", type=float, default=0.25, help="fraction held out for testing")
+    t.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) at the end")
+    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
+    t.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves (matplotlib)")
+    t.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
+    t.add_argument("--quiet", action="store_true", help="print only the final result")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser(
+        "info",
+        help="list the installed backends and their devices",
+        description="List the array libraries gradcore can use here.",
+    )
+    b = sub.add_parser(
+        "bench",
+        help="run the training benchmark (source checkout only)",
+        description="Run benches/train_bench.py with the remaining arguments.",
+    )
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    return parser
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+    """X, y, whether it is a classification set, and its display name."""
+    from . import data
+
+    if name == "spirals":
+        X, y = data.spirals(900, classes=3, noise=0.2, seed=seed)
+        return X, y, True, name
+    if name == "linear":
+        X, y = data.linear(1000, seed=seed)
+        return X, y, False, name
+    if name == "digits":
+        X, y = data.digits()
+        return X, y, True, name
+    path = Path(name)
+    if not path.suffix:
+        raise ValueError(
+            f"unknown dataset {name!r}; expected {', '.join(_DATASETS)} or a .npz/.csv file"
+        )
+    X, y = data.load(path)
+    return X, y, y.dtype.kind in "iu", path.name
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import data, nn, optim
+    from .train import evaluate, fit, load, save
+
+    be = nn.resolve_backend(args.backend, args.device)
+    if be.name == "jax" and args.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    X, y, classification, dataset = _load_dataset(args.dataset, args.seed)
+    if not 0 < args.test_size < 1:
+        raise _UsageError(f"--test-size must lie strictly between 0 and 1, got {args.test_size}")
+
+    checkpoint = load(args.resume) if args.resume else None
+    kind = args.model or (
+        (checkpoint.meta.get("model_kind") if checkpoint else None)
+        or ("mlp" if classification else "linear")
+    )
+    if kind == "softmax" and not classification:
+        raise ValueError(f"--model softmax needs class labels; {dataset} is a regression set")
+    if kind == "linear" and classification:
+        raise ValueError(
+            f"--model linear is least-squares regression; {dataset} is a classification set "
+            "(use --model softmax or mlp)"
+        )
+    standardize = args.dataset not in ("spirals", "linear")
+    X_train, X_test, y_train, y_test = data.train_test_split(
+        X, y, test_size=args.test_size, seed=args.seed
+    )
+    if standardize:
+        X_train, mean, std = data.standardize(X_train)
+        X_test, _, _ = data.standardize(X_test, mean=mean, std=std)
+    outputs = int(y.max()) + 1 if classification else (1 if y.ndim == 1 else int(y.shape[1]))
+    features = int(X.shape[1])
+
+    epochs_done = 0
+    if checkpoint is not None:
+        if args.hidden is not None or args.activation is not None:
+            raise _UsageError("--hidden and --activation come from the checkpoint with --resume")
+        model = checkpoint.build_model(be, dtype=args.dtype)
+        config = checkpoint.model_config or {}
+        sizes = config.get("sizes")
+        if sizes and (sizes[0] != features or sizes[-1] != outputs):
+            raise ValueError(
+                f"the checkpoint's model maps {sizes[0]} features to {sizes[-1]} outputs, but "
+                f"{dataset} has {features} features and {outputs} outputs"
+            )
+        epochs_done = int(checkpoint.meta.get("epochs_done", 0))
+    else:
+        hidden = [64, 64] if args.hidden is None else args.hidden
+        if kind != "mlp":
+            if args.hidden is not None:
+                raise _UsageError(f"--hidden applies to --model mlp, not {kind}")
+            hidden = []
+        sizes = [features, *hidden, outputs]
+        model = nn.MLP(
+            sizes, args.activation or "relu", seed=args.seed, dtype=args.dtype, backend=be
+        )
+    epochs = args.epochs or (20 if args.dataset == "digits" else 40)
+    args.optimizer = args.optimizer or ("sgd" if kind == "linear" else "adam")
+    steps = epochs * -(-X_train.shape[0] // args.batch_size)
+    lr = args.lr or _DEFAULT_LR[args.optimizer]
+    schedule: Any = lr
+    if args.schedule == "step":
+        schedule = optim.step(lr, step_size=max(1, steps // 3), gamma=0.1)
+    elif args.schedule == "cosine":
+        schedule = optim.cosine(lr, total_steps=steps)
+    kwargs: dict[str, Any] = {}
+    if args.weight_decay is not None:
+        kwargs["weight_decay"] = args.weight_decay
+    if args.optimizer == "sgd":
+        kwargs["momentum"] = args.momentum
+    opt = optim.get(args.optimizer, lr=schedule, **kwargs)
+    loss = "cross_entropy" if classification else "mse"
+
+    if not args.quiet:
+        print(
+            f"gradcore: {model!r}, {model.num_parameters()} parameters, on {be}; "
+            f"{dataset}: {X_train.shape[0]} train / {X_test.shape[0]} test; "
+            f"{args.optimizer} lr={lr:g}, batch {args.batch_size}, {epochs} epochs",
+            flush=True,
+        )
+
+    def report(epoch: int, history: Any) -> None:
+        if args.quiet:
+            return
+        line = f"epoch {epochs_done + epoch:3d}/{epochs_done + epochs}  loss {history.loss[-1]:.4f}"
+        if history.accuracy[-1] is not None:
+            line += f"  acc {history.accuracy[-1]:.3f}"
+        line += f"  test_loss {history.val_loss[-1]:.4f}"
+        if history.val_accuracy[-1] is not None:
+            line += f"  test_acc {history.val_accuracy[-1]:.3f}"
+        line += f"  ({history.epoch_time[-1]:.2f} s, {history.samples_per_s[-1]:,.0f} samples/s)"
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    history = fit(
+        model,
+        X_train,
+        y_train,
+        loss=loss,
+        optimizer=opt,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        validation=(X_test, y_test),
+        seed=args.seed + epochs_done,
+        progress=not args.no_progress and not args.quiet,
+        optimizer_state=checkpoint.optimizer_state if checkpoint else None,
+        callback=report,
+    )
+    elapsed = time.perf_counter() - start
+    test = evaluate(model, X_test, y_test, loss=loss)
+    if classification:
+        print(f"test accuracy: {test['accuracy']:.4f} (loss {test['loss']:.4f}) in {elapsed:.2f} s")
+    else:
+        print(f"test mse: {test['loss']:.6g} in {elapsed:.2f} s")
+        if kind == "linear":
+            from ._namespace import to_numpy
+
+            params = model.state_dict()
+            w = to_numpy(params["0.W"]).ravel()
+            b = to_numpy(params["0.b"]).ravel()
+            w_text = np.array2string(w, precision=4)
+            print(f"learned w = {w_text}, b = {np.array2string(b, precision=4)}")
+
+    if args.save:
+        path = save(
+            args.save,
+            model,
+            history.optimizer_state,
+            meta={"epochs_done": epochs_done + epochs, "dataset": dataset, "model_kind": kind},
+        )
+        if not args.quiet:
+            print(f"saved checkpoint to {path}")
+    if args.json:
+        metrics = {
+            "backend": be.name,
+            "device": str(be.device),
+            "dataset": dataset,
+            "model": model.config(),
+            "parameters": model.num_parameters(),
+            "optimizer": opt.config(),
+            "epochs": epochs,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "seconds": elapsed,
+            "history": history.to_dict(),
+            "test": test,
+        }
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        _plot(history, args.plot, title=f"{model!r} on {dataset} ({be.name})")
+    return 0
+
+
+def _plot(history: Any, path: str, *, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'gradcore[plot]'") from None
+    classification = history.accuracy and history.accuracy[0] is not None
+    fig, axes = plt.subplots(
+        1, 2 if classification else 1, figsize=(10 if classification else 5, 4)
+    )
+    ax_loss = axes[0] if classification else axes
+    ax_loss.plot(history.epoch, history.loss, label="train")
+    ax_loss.plot(history.epoch, history.val_loss, label="test")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    if classification:
+        axes[1].plot(history.epoch, history.accuracy, label="train")
+        axes[1].plot(history.epoch, history.val_accuracy, label="test")
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylabel("accuracy")
+        axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- info and bench ------------------------------------------------------------------------
+
+
+def _devices(name: str) -> tuple[str, str]:
+    """(version, devices) of a backend, or raise ImportError."""
+    if name == "numpy":
+        from ._dispatch import get_num_threads
+
+        return np.__version__, f"cpu ({get_num_threads()} threads for fast paths)"
+    if name == "torch":
+        import torch
+
+        devices = [f"cpu ({torch.get_num_threads()} threads)"]
+        if torch.cuda.is_available():
+            devices += [
+                f"cuda:{i} {torch.cuda.get_device_name(i)}"
+                for i in range(torch.cuda.device_count())
+            ]
+        return torch.__version__, ", ".join(devices)
+    if name == "jax":
+        import jax
+
+        return jax.__version__, ", ".join(str(d) for d in jax.devices())
+    if name == "cupy":
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        names = []
+        for i in range(count):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            label = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            names.append(f"cuda:{i} {label}")
+        return cupy.__version__, ", ".join(names) or "no CUDA device visible"
+    if name == "dask":
+        import dask
+
+        return dask.__version__, "cpu"
+    if name == "array_api_strict":
+        import array_api_strict
+
+        return array_api_strict.__version__, "CPU_DEVICE, device1, device2 (simulated)"
+    raise ImportError(name)
+
+
+def _info() -> int:
+    from . import __version__
+    from ._namespace import BACKEND_NAMES, available_backends
+
+    usable = set(available_backends())
+    print(f"gradcore {__version__}, Python {sys.version.split()[0]}")
+    for name in BACKEND_NAMES:
+        try:
+            version, devices = _devices(name)
+        except ImportError:
+            print(f"  {name:17s} not installed")
+            continue
+        except Exception as exc:  # a broken driver must not hide the other backends
+            print(f"  {name:17s} installed, unusable: {str(exc).splitlines()[0]}")
+            continue
+        mark = "" if name in usable else "  (not usable here)"
+        print(f"  {name:17s} {version:12s} {devices}{mark}")
+    return 0
+
+
+def _bench(rest: Sequence[str]) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benches" / "train_bench.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            "the benchmarks live in gradcore's source checkout (benches/train_bench.py), "
+            "which is not next to this installation"
+        )
+    argv = sys.argv
+    sys.argv = [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = argv
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) and exc.filename:
+        message = f"{exc.strerror or message}: {exc.filename}"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    r"""Run the ``gradcore`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for a bad command line, 1 for other errors
+        (printed as one line on stderr; set ``GRADCORE_DEBUG=1`` for a traceback).
+    """
+    parser = _build_parser()
+    debug = bool(os.environ.get("GRADCORE_DEBUG"))
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "train":
+            return _train(args)
+        if args.command == "info":
+            return _info()
+        return _bench(args.args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except _UsageError as exc:
+        print(f"gradcore: error: {exc} (see gradcore --help)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradcore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"gradcore: error: {_one_line(exc)}", file=sys.stderr)
+        return 1

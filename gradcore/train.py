@@ -1,0 +1,598 @@
+r"""Minibatch training (:func:`fit`), evaluation and checkpoints.
+
+:func:`fit` runs the loop every backprop lecture draws: for each minibatch, the model's
+forward pass, the loss and its gradient with respect to the output (one fused kernel),
+the model's backward pass (the layers' VJPs in reverse) and an optimizer update. The
+same call trains on NumPy, CuPy, PyTorch or JAX: pass ``backend=`` or move the model
+first with :meth:`gradcore.nn.Module.to`.
+
+Checkpoints (:func:`save`, :func:`load`) are ``.npz`` files of NumPy arrays plus a JSON
+description, so one saved on a GPU loads anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import losses as _losses
+from . import nn as _nn
+from . import optim as _optim
+from ._namespace import Backend, get_namespace, to_numpy
+from .data import check_dataset
+
+__all__ = [
+    "LOSSES",
+    "Checkpoint",
+    "History",
+    "NonFiniteLossError",
+    "evaluate",
+    "fit",
+    "load",
+    "save",
+]
+
+#: Loss names :func:`fit` accepts.
+LOSSES = ("cross_entropy", "mse")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class History:
+    r"""What :func:`fit` measured, one entry per epoch (``step_loss``: per update).
+
+    Attributes
+    ----------
+    epoch : list of int
+        Epoch numbers, from 1.
+    loss, accuracy : list of float
+        Training loss (mean over the epoch's samples, as the model changed) and
+        accuracy (classification only; ``None`` for regression).
+    val_loss, val_accuracy : list of float or None
+        On the ``validation`` set after each epoch (``None`` without one).
+    step_loss : list of float
+        The loss of every minibatch, in order.
+    epoch_time : list of float
+        Seconds per epoch, training only.
+    samples_per_s : list of float
+        Training throughput per epoch.
+    optimizer_state : dict
+        The optimizer's state after the last update (arrays of the training backend),
+        for :func:`save` and to continue training.
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float | None] = field(default_factory=list)
+    val_loss: list[float | None] = field(default_factory=list)
+    val_accuracy: list[float | None] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    epoch_time: list[float] = field(default_factory=list)
+    samples_per_s: list[float] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The measurements as JSON-serialisable lists (no optimizer state)."""
+        return {
+            "epoch": list(self.epoch),
+            "loss": list(self.loss),
+            "accuracy": list(self.accuracy),
+            "val_loss": list(self.val_loss),
+            "val_accuracy": list(self.val_accuracy),
+            "step_loss": list(self.step_loss),
+            "epoch_time": list(self.epoch_time),
+            "samples_per_s": list(self.samples_per_s),
+        }
+
+
+# --- losses ------------------------------------------------------------------------------
+
+LossFn = Callable[..., tuple[Any, Any]]
+
+
+def _loss_fn(loss: str | LossFn) -> tuple[LossFn, bool]:
+    """The loss kernel and whether it is a classification loss."""
+    if callable(loss):
+        return loss, False
+    if loss == "cross_entropy":
+        return _losses.softmax_cross_entropy, True
+    if loss == "mse":
+        return _losses.mse, False
+    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} or a callable")
+
+
+def _prepare(
+    X: Any, y: Any, *, classification: bool, model: _nn.Module, name: str
+) -> tuple[Any, Any]:
+    """Validate ``X, y`` and move them to the model's backend with the right dtypes."""
+    b = model.backend
+    on_host = isinstance(X, (np.ndarray, list, tuple)) and isinstance(y, (np.ndarray, list, tuple))
+    if on_host:
+        X_np, y_np = check_dataset(X, y, name=name)
+        if classification:
+            if y_np.ndim != 1:
+                raise ValueError(
+                    f"{name}: cross_entropy needs 1-D integer class labels, "
+                    f"got y of shape {y_np.shape}"
+                )
+            if y_np.dtype.kind == "f" and not np.all(y_np == np.round(y_np)):
+                raise ValueError(
+                    f"{name}: cross_entropy needs integer class labels, got fractions in y"
+                )
+            if y_np.min() < 0:
+                raise ValueError(f"{name}: class labels must be >= 0, found {int(y_np.min())}")
+            y_np = y_np.astype(np.int64)
+        else:
+            y_np = y_np.astype(np.float64)
+            if y_np.ndim == 1:
+                y_np = y_np[:, None]
+        return b.asarray(X_np, dtype=model.dtype), b.asarray(
+            y_np, dtype=_label_dtype(b) if classification else model.dtype
+        )
+    # Arrays already on a device: check them there (one synchronisation).
+    xp = get_namespace(X, y)
+    if xp is not b.xp:
+        X, y = b.asarray(X), b.asarray(y)
+        xp = b.xp
+    if X.ndim != 2 or int(X.shape[0]) != int(y.shape[0]):
+        raise ValueError(
+            f"{name}: X must be 2-D with one row per target; "
+            f"got X {tuple(X.shape)}, y {tuple(y.shape)}"
+        )
+    if not bool(xp.all(xp.isfinite(X))):
+        raise ValueError(f"{name}: X contains NaN or infinity")
+    X = xp.astype(X, getattr(xp, model.dtype))
+    if classification:
+        y = xp.astype(y, _label_dtype(b))
+    else:
+        if not bool(xp.all(xp.isfinite(y))):
+            raise ValueError(f"{name}: y contains NaN or infinity")
+        y = xp.astype(y, getattr(xp, model.dtype))
+        if y.ndim == 1:
+            y = xp.reshape(y, (-1, 1))
+    return X, y
+
+
+def _label_dtype(b: Backend) -> Any:
+    """The backend's default index dtype (int64, or int32 on JAX without 64-bit mode)."""
+    try:
+        return b.xp.__array_namespace_info__().default_dtypes(device=b.device)["indexing"]
+    except (AttributeError, TypeError, KeyError):
+        return b.xp.int64
+
+
+def _check_outputs(model: _nn.Module, X: Any, y: Any, classification: bool, name: str) -> None:
+    out = model.predict(X[:1, ...])
+    width = int(out.shape[-1])
+    if classification:
+        top = int(to_numpy(get_namespace(y).max(y)))
+        if top >= width:
+            raise ValueError(
+                f"{name}: labels go up to {top} but the model has only {width} outputs"
+            )
+    elif tuple(int(s) for s in y.shape[1:]) != (width,):
+        raise ValueError(
+            f"{name}: targets have shape {tuple(y.shape[1:])} per sample but the model "
+            f"outputs {width}"
+        )
+
+
+def _host_backend(b: Backend) -> bool:
+    """Whether reading a loss value costs no device synchronisation worth avoiding."""
+    if b.name in ("numpy", "array_api_strict", "dask"):
+        return True
+    if b.name == "torch":
+        return str(getattr(b.device, "type", b.device)) == "cpu"
+    if b.name == "jax":
+        return str(getattr(b.device, "platform", "cpu")) == "cpu"
+    return False
+
+
+def _persist(b: Backend, tree: dict[str, Any]) -> dict[str, Any]:
+    # Dask builds a graph per update; computing it keeps the graph from growing
+    # with the number of steps.
+    if b.name != "dask":
+        return tree
+    import dask
+
+    keys = list(tree)
+    values = dask.persist(*(tree[k] for k in keys))
+    return dict(zip(keys, values, strict=True))
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: _nn.Module,
+    X: Any,
+    y: Any,
+    *,
+    loss: str | LossFn = "cross_entropy",
+    batch_size: int = 1024,
+) -> dict[str, float | None]:
+    r"""Mean loss and accuracy (classification) of ``model`` on ``X, y``.
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, "accuracy": float or None}``.
+    """
+    loss_fn, classification = _loss_fn(loss)
+    X, y = _prepare(X, y, classification=classification, model=model, name="evaluation data")
+    xp = model.backend.xp
+    n = int(X.shape[0])
+    total = 0.0
+    correct = 0
+    for i in range(0, n, batch_size):
+        stop = min(i + batch_size, n)
+        xb, yb = X[i:stop, ...], y[i:stop, ...]
+        out = model.predict(xb)
+        value, _ = loss_fn(out, yb, xp=xp)
+        total += float(to_numpy(value)) * int(xb.shape[0])
+        if classification:
+            hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(model.backend))
+            correct += int(to_numpy(xp.sum(hits)))
+    return {"loss": total / n, "accuracy": correct / n if classification else None}
+
+
+def fit(
+    model: _nn.Module,
+    X: Any,
+    y: Any,
+    *,
+    loss: str | LossFn,
+    optimizer: _optim.Optimizer | str,
+    epochs: int,
+    batch_size: int,
+    backend: Backend | str | None = None,
+    validation: tuple[Any, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    optimizer_state: Mapping[str, Any] | None = None,
+    callback: Callable[[int, History], None] | None = None,
+    inplace: bool = True,
+    check_every: int | None = None,
+) -> History:
+    r"""Train ``model`` on ``X, y`` by minibatch gradient descent; return the history.
+
+    Parameters
+    ----------
+    model : gradcore.nn.Module
+        Updated in place (its parameters are replaced each step).
+    X : array, shape (N, features)
+        NumPy (moved to the backend) or an array of the backend.
+    y : array, shape (N,) or (N, outputs)
+        Integer class labels for ``"cross_entropy"``, targets for ``"mse"``.
+    loss : {"cross_entropy", "mse"} or callable
+        ``"cross_entropy"`` is :func:`gradcore.softmax_cross_entropy` on the model's
+        logits; ``"mse"`` is :func:`gradcore.mse`. A callable must return
+        ``(loss, grad_output)`` like them.
+    optimizer : gradcore.optim.Optimizer or str
+        ``optim.Adam(lr=1e-3)``, or a name with default settings.
+    epochs, batch_size : int
+        Passes over the data and samples per update (the last batch may be smaller).
+    backend : Backend or str, optional
+        Move the model there first (default: where the model is).
+    validation : (X_val, y_val), optional
+        Evaluated after each epoch.
+    seed : int
+        Seed of the NumPy generator that shuffles: each epoch uses the next
+        ``rng.permutation(N)`` of ``numpy.random.default_rng(seed)``, cut into
+        consecutive batches.
+    progress : bool
+        Show a tqdm bar (loss, samples per second) on stderr when it is a terminal.
+    optimizer_state : dict, optional
+        Continue from this state (e.g. from :func:`load`); moved to the backend.
+    callback : callable, optional
+        ``callback(epoch, history)`` after each epoch.
+    inplace : bool
+        Let the optimizer update NumPy, CuPy and PyTorch arrays in place.
+    check_every : int, optional
+        Read the loss on the host every this many steps to check it is finite and
+        to update the bar; default every step on the CPU, every 50 on a GPU, and at
+        the end of each epoch in any case.
+
+    Returns
+    -------
+    History
+
+    Raises
+    ------
+    ValueError
+        For malformed data (before any training), or labels and targets that do not
+        fit the model's outputs.
+    NonFiniteLossError
+        When the loss becomes NaN or infinite; the message names the step.
+    """
+    for label, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if backend is not None:
+        model.to(backend)
+    b = model.backend
+    xp = b.xp
+    loss_fn, classification = _loss_fn(loss)
+    opt = _optim.get(optimizer)
+    X, y = _prepare(X, y, classification=classification, model=model, name="training data")
+    _check_outputs(model, X, y, classification, "training data")
+    if validation is not None:
+        if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
+            raise ValueError("validation must be a pair (X_val, y_val)")
+        X_val, y_val = _prepare(
+            validation[0],
+            validation[1],
+            classification=classification,
+            model=model,
+            name="validation data",
+        )
+        _check_outputs(model, X_val, y_val, classification, "validation data")
+
+    params = model.state_dict()
+    if optimizer_state is None:
+        state = opt.init(params)
+    else:
+        state = _optim.state_to(optimizer_state, b, dtype=model.dtype)
+        opt.check_state(state, params)
+
+    if check_every is None:
+        check_every = 1 if _host_backend(b) else 50
+    n = int(X.shape[0])
+    steps = math.ceil(n / batch_size)
+    rng = np.random.default_rng(seed)
+    history = History()
+    bar = _progress_bar(progress, epochs * n)
+    step0 = int(state["step"])
+    global_step = 0
+    try:
+        for epoch in range(1, epochs + 1):
+            if bar is not None:
+                bar.set_description(f"epoch {epoch}/{epochs}")
+            perm = b.asarray(rng.permutation(n), dtype=_label_dtype(b))
+            pending: list[Any] = []  # device losses not read yet
+            sizes: list[int] = []
+            correct: list[Any] = []
+            epoch_losses: list[float] = []
+            start = time.perf_counter()
+            for s in range(steps):
+                idx = perm[s * batch_size : min((s + 1) * batch_size, n)]
+                xb = xp.take(X, idx, axis=0)
+                yb = xp.take(y, idx, axis=0)
+                out = model._forward(xb, True, xp)
+                value, grad = loss_fn(out, yb, xp=xp)
+                model._backward(grad, xp)
+                params, state = opt.update(params, model.grads(), state, inplace=inplace)
+                if b.name == "dask":
+                    params = _persist(b, params)
+                model._assign(params)
+                pending.append(value)
+                sizes.append(int(xb.shape[0]))
+                if classification:
+                    correct.append(
+                        xp.sum(xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b)))
+                    )
+                global_step += 1
+                if global_step % check_every == 0 or s == steps - 1:
+                    first = step0 + global_step - len(pending) + 1
+                    read = _read_losses(pending, first, epoch)
+                    epoch_losses.extend(read)
+                    if bar is not None:
+                        bar.update(sum(sizes[len(epoch_losses) - len(read) : len(epoch_losses)]))
+                        bar.set_postfix(loss=f"{read[-1]:.4g}", refresh=False)
+                    pending = []
+            b.synchronize()
+            elapsed = time.perf_counter() - start
+            history.epoch.append(epoch)
+            history.step_loss.extend(epoch_losses)
+            history.loss.append(float(np.dot(epoch_losses, sizes)) / n)
+            if classification:
+                hits = int(to_numpy(xp.sum(xp.stack(correct))))
+                history.accuracy.append(hits / n)
+            else:
+                history.accuracy.append(None)
+            history.epoch_time.append(elapsed)
+            history.samples_per_s.append(n / elapsed if elapsed > 0 else math.inf)
+            if validation is not None:
+                metrics = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 1024))
+                history.val_loss.append(metrics["loss"])
+                history.val_accuracy.append(metrics["accuracy"])
+            else:
+                history.val_loss.append(None)
+                history.val_accuracy.append(None)
+            history.optimizer_state = state
+            if callback is not None:
+                callback(epoch, history)
+    finally:
+        if bar is not None:
+            bar.close()
+    history.optimizer_state = state
+    return history
+
+
+def _read_losses(pending: list[Any], first_step: int, epoch: int) -> list[float]:
+    if len(pending) == 1:
+        values = [float(to_numpy(pending[0]))]
+    else:
+        # One transfer for all of them (a GPU synchronises once).
+        values = [float(v) for v in to_numpy(get_namespace(pending[0]).stack(pending))]
+    for k, v in enumerate(values):
+        if not math.isfinite(v):
+            raise NonFiniteLossError(
+                f"the training loss became {v} at step {first_step + k} (epoch {epoch}); "
+                "try a smaller learning rate, or check the data for extreme values"
+            )
+    return values
+
+
+def _progress_bar(progress: bool, total: int) -> Any:
+    if not progress or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", unit_scale=True, leave=False, dynamic_ncols=True)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+_FORMAT = "gradcore-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    r"""The content of a checkpoint file, on the host.
+
+    Attributes
+    ----------
+    params : dict of str to numpy.ndarray
+        The model's parameters by name (for :meth:`gradcore.nn.Module.load_state_dict`).
+    optimizer_state : dict or None
+        The optimizer state, with NumPy arrays (``fit(..., optimizer_state=...)``
+        moves them to the training backend).
+    model_config : dict or None
+        The model's :meth:`~gradcore.nn.Module.config`, to rebuild it.
+    meta : dict
+        Whatever was passed as ``meta`` to :func:`save`.
+    """
+
+    params: dict[str, np.ndarray]
+    optimizer_state: dict[str, Any] | None
+    model_config: dict[str, Any] | None
+    meta: dict[str, Any]
+
+    def build_model(
+        self, backend: Backend | str | None = None, device: Any = None, *, dtype: str | None = None
+    ) -> _nn.Module:
+        """Rebuild the saved model with the saved weights, on ``backend``."""
+        if self.model_config is None:
+            raise ValueError("this checkpoint has no model description; build the model yourself")
+        model = _nn.from_config(self.model_config, dtype=dtype, backend=backend, device=device)
+        model.load_state_dict(self.params)
+        return model
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: _nn.Module,
+    optimizer_state: Mapping[str, Any] | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    r"""Write ``model``'s parameters (and an optimizer state) to an ``.npz`` file.
+
+    Arrays are copied to the host, so the file loads on any backend. The file is
+    written to a temporary name first and then renamed, so an interrupted save never
+    leaves a half-written checkpoint behind.
+
+    Parameters
+    ----------
+    path : str or path
+        Where to write (``.npz`` is appended if missing).
+    model : gradcore.nn.Module
+    optimizer_state : dict, optional
+        From ``History.optimizer_state`` or an optimizer's ``update``.
+    meta : dict, optional
+        JSON-serialisable extra information (epochs done, dataset, ...).
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
+    p = Path(path)
+    if p.suffix != ".npz":
+        p = p.with_name(p.name + ".npz")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in model.state_dict().items():
+        arrays[f"param/{name}"] = np.asarray(to_numpy(value))
+    scalars: dict[str, Any] = {}
+    if optimizer_state is not None:
+        for key, value in optimizer_state.items():
+            if isinstance(value, Mapping):
+                for name, arr in value.items():
+                    arrays[f"opt/{key}/{name}"] = np.asarray(to_numpy(arr))
+            else:
+                scalars[key] = value
+    header = {
+        "format": _FORMAT,
+        "model": model.config(),
+        "optimizer": None if optimizer_state is None else {"scalars": scalars},
+        "meta": dict(meta or {}),
+    }
+    try:
+        text = json.dumps(header)
+    except TypeError as exc:
+        raise ValueError(f"checkpoint meta must be JSON-serialisable: {exc}") from None
+    arrays["__header__"] = np.asarray(text)
+    directory = p.parent if str(p.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    r"""Read a checkpoint written by :func:`save`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If the file is not a readable gradcore checkpoint (corrupt, truncated, another
+        kind of ``.npz``, or a newer format).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {str(p)!r}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            contents = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ValueError(f"{p.name} is not a readable checkpoint ({exc})") from None
+    if "__header__" not in contents:
+        raise ValueError(f"{p.name} is an .npz file but not a gradcore checkpoint (no header)")
+    try:
+        header = json.loads(str(contents.pop("__header__")))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p.name}: corrupt checkpoint header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise ValueError(f"{p.name}: unsupported checkpoint format {found!r} (expected {_FORMAT})")
+    params: dict[str, np.ndarray] = {}
+    opt_state: dict[str, Any] | None = None
+    if header.get("optimizer") is not None:
+        opt_state = dict(header["optimizer"].get("scalars", {}))
+    for key, arr in contents.items():
+        kind, _, rest = key.partition("/")
+        if kind == "param" and rest:
+            params[rest] = arr
+        elif kind == "opt" and opt_state is not None and "/" in rest:
+            buf, _, name = rest.partition("/")
+            opt_state.setdefault(buf, {})[name] = arr
+        else:
+            raise ValueError(f"{p.name}: unexpected entry {key!r} in checkpoint")
+    if not params:
+        raise ValueError(f"{p.name}: checkpoint holds no parameters")
+    return Checkpoint(params, opt_state, header.get("model"), dict(header.get("meta") or {}))
