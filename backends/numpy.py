@@ -159,7 +159,9 @@ def _grad_target(
     target = _Target(dest, x.shape, axis, x.dtype)
     if dest is not None and not inplace and not target.copy_back:
         for r in reads:
-            if np.may_share_memory(dest, r) and not _aliases(dest, r):
+            # The blocked loop reads a block of x before writing the same block of the
+            # gradient, so out= may be x itself; any other overlap goes through a copy.
+            if np.may_share_memory(dest, r) and not (r is x and _aliases(dest, x)):
                 target.rows = np.empty_like(target.rows)
                 target.copy_back = True
                 break
@@ -177,7 +179,7 @@ def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np
     np.exp(x, out=s)
     sums = np.add.reduce(s, axis=1).astype(np.float64)
     ok = sums >= tiny
-    ok &= sums <= np.inf  # false for inf and NaN
+    ok &= sums < np.inf  # false for inf and NaN
     shift = np.zeros_like(sums)
     if not ok.all():
         idx = np.flatnonzero(~ok)
@@ -260,6 +262,7 @@ def softmax_cross_entropy(
         if Y.dtype != dtype:
             Y = Y.astype(dtype)
         scale = 1.0 / N if args.reduction == "mean" else 1.0
+        divisor = float(N)
         work = _soft_worker(X, Y, G, row_loss, wv, eps, z, scale, tiny, block)
         bad_rows = None
     else:
@@ -274,8 +277,9 @@ def softmax_cross_entropy(
             w_y = active.astype(np.float64)
         else:
             w_y = np.where(active, w64[lab_safe], 0.0)
-        with np.errstate(divide="ignore"):
-            scale = 1.0 / w_y.sum() if args.reduction == "mean" else 1.0
+        divisor = float(w_y.sum()) if args.reduction == "mean" else 1.0
+        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch.
+        scale = 1.0 / divisor if divisor != 0.0 else 1.0
         with np.errstate(invalid="ignore"):
             at_label = ((1.0 - eps) * scale * w_y).astype(dtype)
             dense: Any = None
@@ -297,7 +301,9 @@ def softmax_cross_entropy(
             total = float(np.sum(row_loss))
             if bad_rows is not None:
                 total = math.nan
-            loss = np.asarray(total * scale if args.reduction == "mean" else total, dtype=dtype)
+            if args.reduction == "mean":
+                total = total / divisor if divisor != 0.0 else math.nan
+            loss = np.asarray(total, dtype=dtype)
     return loss, grad
 
 
@@ -460,8 +466,9 @@ class _Elementwise:
         self.copy_back = False
         if dest is not None and not inplace:
             reads = [x, *full, *(e for e in extras if e is not None)]
+            # Only out= that is x itself, block for block, is safe to write as we go.
             self.copy_back = any(
-                np.may_share_memory(dest, r) and not _aliases(dest, r) for r in reads
+                np.may_share_memory(dest, r) and not (r is x and _aliases(dest, x)) for r in reads
             )
         grad = np.empty(shape, x.dtype) if dest is None or self.copy_back else dest.reshape(shape)
         self.grad = grad

@@ -1,0 +1,1 @@
+"""Benchmarks of gradcore against the memory floor and against peer libraries."""

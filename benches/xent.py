@@ -1,0 +1,242 @@
+"""Benchmark the fused losses on the CPU against the memory floor and against peers.
+
+Run ``python -m benches.xent`` (``--quick`` for a run under a minute, ``--json PATH``
+to write the numbers). For each kernel, shape and dtype it prints gradcore's median
+time, the floor measured in the same run (a copy of the logits into a preallocated
+buffer for cross-entropy; ``np.subtract(a, b, out=c)`` for MSE), their ratio, the
+textbook NumPy version, PyTorch eager forward+backward and JAX ``jit(value_and_grad)``
+where installed, and gradcore's peak extra memory (tracemalloc) in three memory modes:
+a fresh gradient (extra beyond the gradient itself), ``out=`` and ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import gradcore
+
+from ._common import machine, median_time, peak_extra_bytes
+
+CE_SHAPES = [(8192, 1000), (2048, 32000), (512, 128256)]
+MSE_SIZE = 16 * 1024 * 1024
+
+
+# --- peers ------------------------------------------------------------------------------
+
+
+def textbook_ce(x: np.ndarray, y: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Softmax cross-entropy the way a NumPy user writes it: one temporary per step."""
+    n = x.shape[0]
+    rows = np.arange(n)
+    m = x.max(axis=1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=1, keepdims=True)
+    p = e / s
+    loss = -np.mean(np.log(p[rows, y]))
+    p[rows, y] -= 1.0
+    p /= n
+    return loss, p
+
+
+def textbook_mse(a: np.ndarray, b: np.ndarray) -> tuple[Any, np.ndarray]:
+    d = a - b
+    return np.mean(d * d), 2.0 / d.size * d
+
+
+def torch_ce(x: np.ndarray, y: np.ndarray) -> Callable[[], Any] | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    yt = torch.from_numpy(y.astype(np.int64))
+
+    def run() -> Any:
+        xt.grad = None
+        loss = F.cross_entropy(xt, yt)
+        loss.backward()
+        return loss, xt.grad
+
+    return run
+
+
+def torch_mse(a: np.ndarray, b: np.ndarray) -> Callable[[], Any] | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    at = torch.from_numpy(a.copy()).requires_grad_(True)
+    bt = torch.from_numpy(b)
+
+    def run() -> Any:
+        at.grad = None
+        loss = F.mse_loss(at, bt)
+        loss.backward()
+        return loss, at.grad
+
+    return run
+
+
+def jax_ce(x: np.ndarray, y: np.ndarray) -> Callable[[], Any] | None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+
+    def ce(logits: Any, labels: Any) -> Any:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+        return jnp.mean(lse - picked)
+
+    f = jax.jit(jax.value_and_grad(ce))
+    xj, yj = jnp.asarray(x), jnp.asarray(y.astype(np.int32))
+
+    def run() -> Any:
+        return jax.block_until_ready(f(xj, yj))
+
+    return run
+
+
+def jax_mse(a: np.ndarray, b: np.ndarray) -> Callable[[], Any] | None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    f = jax.jit(jax.value_and_grad(lambda p, t: jnp.mean((p - t) ** 2)))
+    aj, bj = jnp.asarray(a), jnp.asarray(b)
+
+    def run() -> Any:
+        return jax.block_until_ready(f(aj, bj))
+
+    return run
+
+
+# --- cases ------------------------------------------------------------------------------
+
+
+def _time(fn: Callable[[], Any] | None, repeats: int) -> float | None:
+    return None if fn is None else median_time(fn, repeats=repeats, warmup=1)
+
+
+def bench_ce(shape: tuple[int, int], dtype: str, repeats: int, peers: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float64).astype(dtype)
+    y = rng.integers(0, shape[1], size=shape[0])
+    buf = np.empty_like(x)
+    scratch = x.copy()
+    row: dict[str, Any] = {"kernel": "softmax_cross_entropy", "shape": shape, "dtype": dtype}
+    row["floor_s"] = _time(lambda: np.copyto(buf, x), repeats)
+    row["gradcore_s"] = _time(lambda: gradcore.softmax_cross_entropy(x, y), repeats)
+    row["out_s"] = _time(lambda: gradcore.softmax_cross_entropy(x, y, out=buf), repeats)
+    row["inplace_s"] = _time(
+        lambda: gradcore.softmax_cross_entropy(scratch, y, inplace=True), repeats
+    )
+    with gradcore.use_fast_paths(False):
+        row["generic_s"] = _time(lambda: gradcore.softmax_cross_entropy(x, y), max(3, repeats // 2))
+    if peers:
+        row["textbook_s"] = _time(lambda: textbook_ce(x, y), repeats)
+        row["torch_s"] = _time(torch_ce(x, y), repeats)
+        row["jax_s"] = _time(jax_ce(x, y), repeats)
+    row["extra_bytes"] = peak_extra_bytes(lambda: gradcore.softmax_cross_entropy(x, y)) - x.nbytes
+    row["out_bytes"] = peak_extra_bytes(lambda: gradcore.softmax_cross_entropy(x, y, out=buf))
+    row["inplace_bytes"] = peak_extra_bytes(
+        lambda: gradcore.softmax_cross_entropy(scratch, y, inplace=True)
+    )
+    row["array_bytes"] = x.nbytes
+    return row
+
+
+def bench_mse(size: int, dtype: str, repeats: int, peers: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(size, dtype=np.float64).astype(dtype)
+    b = rng.standard_normal(size, dtype=np.float64).astype(dtype)
+    c = np.empty_like(a)
+    scratch = a.copy()
+    row: dict[str, Any] = {"kernel": "mse", "shape": (size,), "dtype": dtype}
+    row["floor_s"] = _time(lambda: np.subtract(a, b, out=c), repeats)
+    row["gradcore_s"] = _time(lambda: gradcore.mse(a, b), repeats)
+    row["out_s"] = _time(lambda: gradcore.mse(a, b, out=c), repeats)
+    row["inplace_s"] = _time(lambda: gradcore.mse(scratch, b, inplace=True), repeats)
+    with gradcore.use_fast_paths(False):
+        row["generic_s"] = _time(lambda: gradcore.mse(a, b), max(3, repeats // 2))
+    if peers:
+        row["textbook_s"] = _time(lambda: textbook_mse(a, b), repeats)
+        row["torch_s"] = _time(torch_mse(a, b), repeats)
+        row["jax_s"] = _time(jax_mse(a, b), repeats)
+    row["extra_bytes"] = peak_extra_bytes(lambda: gradcore.mse(a, b)) - a.nbytes
+    row["out_bytes"] = peak_extra_bytes(lambda: gradcore.mse(a, b, out=c))
+    row["inplace_bytes"] = peak_extra_bytes(lambda: gradcore.mse(scratch, b, inplace=True))
+    row["array_bytes"] = a.nbytes
+    return row
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e3:.1f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| kernel | shape | dtype | gradcore ms | floor ms | ratio | out= ms | inplace ms "
+        "| generic ms | textbook ms | torch ms | jax ms | extra MiB (% of input) "
+        "| out= MiB | inplace MiB |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        ratio = r["gradcore_s"] / r["floor_s"]
+        extra = max(r["extra_bytes"], 0)
+        lines.append(
+            f"| {r['kernel']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} "
+            f"| {_ms(r['gradcore_s'])} | {_ms(r['floor_s'])} | {ratio:.2f} "
+            f"| {_ms(r['out_s'])} | {_ms(r['inplace_s'])} | {_ms(r.get('generic_s'))} "
+            f"| {_ms(r.get('textbook_s'))} | {_ms(r.get('torch_s'))} | {_ms(r.get('jax_s'))} "
+            f"| {_mib(extra)} ({100 * extra / r['array_bytes']:.2f}%) "
+            f"| {_mib(r['out_bytes'])} | {_mib(r['inplace_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.xent", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute)")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--no-peers", action="store_true", help="skip textbook/torch/jax")
+    parser.add_argument("--threads", type=int, default=None, help="gradcore threads")
+    ns = parser.parse_args(argv)
+    repeats = 5 if ns.quick else 11
+    if ns.threads is not None:
+        gradcore.set_num_threads(ns.threads)
+    peers = not ns.no_peers
+    rows = [bench_ce(shape, "float32", repeats, peers) for shape in CE_SHAPES]
+    rows.append(bench_mse(MSE_SIZE, "float32", repeats, peers))
+    print(f"machine: {machine()}; gradcore threads: {gradcore.get_num_threads()}")
+    print(f"median of {repeats} runs after one warm-up; ratio = gradcore / floor")
+    print(format_table(rows))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(
+                {"machine": machine(), "threads": gradcore.get_num_threads(), "rows": rows},
+                f,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
