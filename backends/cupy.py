@@ -228,8 +228,11 @@ def broadcast_layout(shape: Sequence[int], wshape: Sequence[int]) -> tuple[int, 
 
 
 def define_options(defines: dict[str, int]) -> tuple[str, ...]:
-    """NVRTC options for a specialisation: ``-DNAME=VALUE``, sorted, plus the standard."""
-    return ("--std=c++17", *(f"-D{k}={int(v)}" for k, v in sorted(defines.items())))
+    """NVRTC options for a specialisation: ``-DNAME=VALUE``, sorted by name.
+
+    No ``-std``: the sources need only C++11, and NVRTC's default is newer.
+    """
+    return tuple(f"-D{k}={int(v)}" for k, v in sorted(defines.items()))
 
 
 # --- module cache and small CuPy helpers --------------------------------------------------

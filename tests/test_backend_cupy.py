@@ -140,8 +140,7 @@ def test_cuda_sources_compile_with_nvcc() -> None:
                 "--cubin",
                 "-Werror",
                 "all-warnings",
-                *(o for o in options if o.startswith("-D")),
-                "-std=c++17",
+                *options,
                 "-o",
                 os.path.join(tmp, "k.cubin"),
                 str(CUDA_DIR / name),
@@ -222,7 +221,7 @@ def test_pointwise_launch() -> None:
 
 
 def test_define_options() -> None:
-    assert gcp.define_options({"B": 2, "A": 1}) == ("--std=c++17", "-DA=1", "-DB=2")
+    assert gcp.define_options({"B": 2, "A": 1}) == ("-DA=1", "-DB=2")
 
 
 @st.composite
