@@ -299,9 +299,11 @@ def _jacobian_by_differences(
                 f"f changed its output shape from {out_shape} to {tuple(up.shape)} "
                 "when x was perturbed"
             )
-        diff = _float64(xp, up) - _float64(xp, down)
-        columns.append(diff / (2 * h[j]))
-    return xp.reshape(xp.stack(columns, axis=-1), (*out_shape, *in_shape))
+        columns.append(_float64(xp, up) - _float64(xp, down))
+    # One division at the end (not one per column) keeps lazy and JIT-compiled
+    # libraries from tracing a separate indexing operation for every j.
+    jac = xp.stack(columns, axis=-1) / (2 * h)
+    return xp.reshape(jac, (*out_shape, *in_shape))
 
 
 # --- the chain rule --------------------------------------------------------------------
