@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 #: Bytes of one block's scratch buffer (a core's L2 holds it with room to stream).
-BLOCK_BYTES = 512 * 1024
+BLOCK_BYTES = 1024 * 1024
+#: Rows per block when rows are column-major (samples contiguous in memory).
+TRANSPOSED_BLOCK_ROWS = 1024
 #: Below this many elements a call runs on the calling thread only.
 MIN_PARALLEL_ELEMENTS = 1 << 17
 
@@ -116,11 +118,23 @@ def _rows_input(a: np.ndarray, axis: int, n_cols: int) -> np.ndarray:
 class _Target:
     """Where a gradient goes: a (rows, cols) view, plus a copy-back when none exists."""
 
-    def __init__(self, dest: np.ndarray | None, shape: tuple[int, ...], axis: int, dtype: Any):
+    def __init__(
+        self,
+        dest: np.ndarray | None,
+        shape: tuple[int, ...],
+        axis: int,
+        dtype: Any,
+        transposed: bool = False,
+    ):
         n_cols = shape[axis]
         self.dest = dest
         self.axis = axis
         self.copy_back = False
+        if dest is None and transposed:
+            # Keep the input's layout (samples contiguous), so blocks read and write alike.
+            self.rows = np.empty((n_cols, math.prod(shape) // n_cols), dtype=dtype).T
+            self.result = self.rows if axis == 1 else self.rows.T
+            return
         if dest is None:
             moved = shape[:axis] + shape[axis + 1 :] + (n_cols,)
             full = np.empty(moved, dtype=dtype)
@@ -152,11 +166,16 @@ def _aliases(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _grad_target(
-    x: np.ndarray, axis: int, out: np.ndarray | None, inplace: bool, reads: list[np.ndarray]
+    x: np.ndarray,
+    axis: int,
+    out: np.ndarray | None,
+    inplace: bool,
+    reads: list[np.ndarray],
+    transposed: bool,
 ) -> _Target:
     """The gradient's destination; ``out`` that partly overlaps an input gets a copy-back."""
     dest = x if inplace else out
-    target = _Target(dest, x.shape, axis, x.dtype)
+    target = _Target(dest, x.shape, axis, x.dtype, transposed and x.ndim == 2)
     if dest is not None and not inplace and not target.copy_back:
         for r in reads:
             # The blocked loop reads a block of x before writing the same block of the
@@ -176,8 +195,9 @@ def _stable_limits(dtype: np.dtype) -> float:
 
 def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray]:
     """exp(x) into ``s``; return (row sums in float64, per-row shift = log-sum-exp offset)."""
-    np.exp(x, out=s)
-    sums = np.add.reduce(s, axis=1).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing rows are redone below
+        np.exp(x, out=s)
+        sums = np.add.reduce(s, axis=1).astype(np.float64)
     ok = sums >= tiny
     ok &= sums < np.inf  # false for inf and NaN
     shift = np.zeros_like(sums)
@@ -192,6 +212,25 @@ def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np
         sums[idx] = np.add.reduce(xb, axis=1)
         shift[idx] = m
     return sums, shift
+
+
+def _exp_rows_inplace(x: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """exp(x - shift) written over x; return (row sums in float64, per-row shift).
+
+    Rows whose maximum lies in [lo, hi] need no shift (their sum can neither overflow nor
+    underflow); only blocks with other rows pay for the subtraction.
+    """
+    m = np.max(x, axis=1).astype(np.float64)
+    if (m >= lo).all() and (m <= hi).all():
+        shift = np.zeros_like(m)
+        with np.errstate(under="ignore"):
+            np.exp(x, out=x)
+    else:
+        shift = np.where(np.isfinite(m), m, 0.0)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            np.subtract(x, shift.astype(x.dtype)[:, None], out=x)
+            np.exp(x, out=x)
+    return np.add.reduce(x, axis=1).astype(np.float64), shift
 
 
 # --- softmax cross-entropy --------------------------------------------------------------
@@ -247,14 +286,19 @@ def softmax_cross_entropy(
     N = math.prod(rows_shape)
 
     X = _rows_input(logits, ax, C)
+    # Column-major rows (Fortran order, or axis=0 of C order): a block of a few rows
+    # would touch one cache line and one page per class, so blocks span many samples.
+    transposed = X.strides[0] == dtype.itemsize and X.strides[1] != dtype.itemsize and N > 1
     reads = [logits, labels] + ([] if weight is None else [weight])
-    target = _grad_target(logits, ax, out, inplace, reads)
+    target = _grad_target(logits, ax, out, inplace, reads, transposed)
     G = target.rows
     w64 = None if weight is None else np.asarray(weight, dtype=np.float64)
     W = float(C) if w64 is None else float(w64.sum())
     wv = None if w64 is None else w64.astype(dtype)
     tiny = _stable_limits(dtype)
     block = max(1, BLOCK_BYTES // (C * dtype.itemsize))
+    if transposed and not args.soft:
+        block = max(block, TRANSPOSED_BLOCK_ROWS)
     row_loss = np.empty(N, dtype=np.float64)
 
     if args.soft:
@@ -329,19 +373,28 @@ def _hard_worker(
     dtype = X.dtype
     C = X.shape[1]
 
+    # exp(x) goes straight into the gradient. When that is x itself, x is gone before
+    # the rows needing the max-shifted route are known, so the row maxima come first.
+    separate = not np.may_share_memory(X, G)
+    finfo = np.finfo(dtype)
+    lo, hi = math.log(tiny), math.log(float(finfo.max)) - math.log(C) - 1.0
+
     def work(start: int, stop: int) -> None:
-        S = np.empty((min(block, stop - start), C), dtype=dtype)
-        ar = np.arange(S.shape[0])
+        ar = np.arange(min(block, stop - start))
         for r0 in range(start, stop, block):
             r1 = min(stop, r0 + block)
             n = r1 - r0
-            x, g, s, i = X[r0:r1], G[r0:r1], S[:n], ar[:n]
+            x, g, i = X[r0:r1], G[r0:r1], ar[:n]
+            s = g
             lb, act, wy = lab[r0:r1], active[r0:r1], w_y[r0:r1]
             # Everything read from x happens before g (possibly x itself) is written.
             picked = x[i, lb].astype(np.float64)
             if eps > 0.0:
                 xw = (np.add.reduce(x, axis=1) if wv is None else x @ wv).astype(np.float64)
-            sums, shift = _exp_rows(x, s, tiny)
+            if separate:
+                sums, shift = _exp_rows(x, s, tiny)
+            else:
+                sums, shift = _exp_rows_inplace(x, lo, hi)
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 lse = np.log(sums)
                 lse += shift
@@ -354,7 +407,7 @@ def _hard_worker(
                     a += (2.0 * z) * lse * act
                     loss += np.where(act, z * lse * lse, 0.0)
                 coef = a * scale / sums
-                np.multiply(s, coef.astype(dtype)[:, None], out=g)
+                np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
                 if dense is not None:
                     g -= dense
                     g[~act] = 0

@@ -128,7 +128,9 @@ def _time(fn: Callable[[], Any] | None, repeats: int) -> float | None:
     return None if fn is None else median_time(fn, repeats=repeats, warmup=1)
 
 
-def bench_ce(shape: tuple[int, int], dtype: str, repeats: int, peers: bool) -> dict[str, Any]:
+def bench_ce(
+    shape: tuple[int, int], dtype: str, repeats: int, peers: bool, generic: bool
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float64).astype(dtype)
     y = rng.integers(0, shape[1], size=shape[0])
@@ -141,8 +143,9 @@ def bench_ce(shape: tuple[int, int], dtype: str, repeats: int, peers: bool) -> d
     row["inplace_s"] = _time(
         lambda: gradcore.softmax_cross_entropy(scratch, y, inplace=True), repeats
     )
-    with gradcore.use_fast_paths(False):
-        row["generic_s"] = _time(lambda: gradcore.softmax_cross_entropy(x, y), max(3, repeats // 2))
+    if generic:
+        with gradcore.use_fast_paths(False):
+            row["generic_s"] = _time(lambda: gradcore.softmax_cross_entropy(x, y), 3)
     if peers:
         row["textbook_s"] = _time(lambda: textbook_ce(x, y), repeats)
         row["torch_s"] = _time(torch_ce(x, y), repeats)
@@ -156,7 +159,7 @@ def bench_ce(shape: tuple[int, int], dtype: str, repeats: int, peers: bool) -> d
     return row
 
 
-def bench_mse(size: int, dtype: str, repeats: int, peers: bool) -> dict[str, Any]:
+def bench_mse(size: int, dtype: str, repeats: int, peers: bool, generic: bool) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.standard_normal(size, dtype=np.float64).astype(dtype)
     b = rng.standard_normal(size, dtype=np.float64).astype(dtype)
@@ -167,8 +170,9 @@ def bench_mse(size: int, dtype: str, repeats: int, peers: bool) -> dict[str, Any
     row["gradcore_s"] = _time(lambda: gradcore.mse(a, b), repeats)
     row["out_s"] = _time(lambda: gradcore.mse(a, b, out=c), repeats)
     row["inplace_s"] = _time(lambda: gradcore.mse(scratch, b, inplace=True), repeats)
-    with gradcore.use_fast_paths(False):
-        row["generic_s"] = _time(lambda: gradcore.mse(a, b), max(3, repeats // 2))
+    if generic:
+        with gradcore.use_fast_paths(False):
+            row["generic_s"] = _time(lambda: gradcore.mse(a, b), 3)
     if peers:
         row["textbook_s"] = _time(lambda: textbook_mse(a, b), repeats)
         row["torch_s"] = _time(torch_mse(a, b), repeats)
@@ -223,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.threads is not None:
         gradcore.set_num_threads(ns.threads)
     peers = not ns.no_peers
-    rows = [bench_ce(shape, "float32", repeats, peers) for shape in CE_SHAPES]
-    rows.append(bench_mse(MSE_SIZE, "float32", repeats, peers))
+    generic = not ns.quick  # the generic path takes seconds per call at these sizes
+    rows = [bench_ce(shape, "float32", repeats, peers, generic) for shape in CE_SHAPES]
+    rows.append(bench_mse(MSE_SIZE, "float32", repeats, peers, generic))
     print(f"machine: {machine()}; gradcore threads: {gradcore.get_num_threads()}")
     print(f"median of {repeats} runs after one warm-up; ratio = gradcore / floor")
     print(format_table(rows))
