@@ -94,11 +94,29 @@ def _require_floating(xp: Any, x: Any, name: str) -> None:
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 
+def _widest_float(xp: Any, x: Any) -> Any:
+    """float64 where the library has it on ``x``'s device, else float32.
+
+    JAX without ``jax_enable_x64`` (and some GPUs) have no float64; asking for it would
+    silently give float32 with a warning, so ask the inspection API first.
+    """
+    try:
+        info = xp.__array_namespace_info__()
+        try:
+            floats = info.dtypes(kind="real floating", device=_device(x))
+        except TypeError:
+            floats = info.dtypes(kind="real floating")
+    except (AttributeError, NotImplementedError):
+        return xp.float64
+    return floats.get("float64", floats.get("float32", xp.float64))
+
+
 def _float64(xp: Any, x: Any) -> Any:
-    """``x`` in float64 when the library has it (JAX without x64 stays in float32)."""
-    if x.dtype == xp.float64:
+    """``x`` in float64 when the library has it (JAX without x64: float32)."""
+    widest = _widest_float(xp, x)
+    if x.dtype == widest:
         return x
-    return xp.astype(x, xp.float64)
+    return xp.astype(x, widest)
 
 
 def _as_array(value: Any, xp: Any, like: Any, what: str) -> Any:
@@ -760,6 +778,10 @@ def check_grad(
         suit the gradient's dtype: ``rtol`` 1e-6 for float64, 2e-3 for float32, 3e-2
         for float16; ``atol`` is ``rtol`` times 1e-2 of the largest numeric entry (at
         least ``rtol * 1e-6``), so that entries that are zero up to rounding pass.
+        Where the library has no float64 (JAX without x64), the differences are taken
+        in float32 and ``atol`` is raised to their rounding error,
+        ``8 eps |f(x)| / step`` (about 5e-4 for a loss of order one): such a check
+        only catches gross errors.
     raise_on_failure : bool
         Raise ``AssertionError`` when the check fails (default); else return the result.
 
@@ -804,6 +826,14 @@ def check_grad(
     if atol is None:
         scale = float(np.max(np.abs(numeric))) if numeric.size else 0.0
         atol = rtol * max(1e-2 * scale, 1e-6)
+        work = _float64(xp, x).dtype
+        if work != xp.float64:
+            # No float64 in this library (JAX without x64): the differences carry a
+            # rounding error of about eps * |f| / step, which the tolerance must admit.
+            fine = float(xp.finfo(work).eps)
+            step = eps if eps is not None else float(np.cbrt(fine))
+            size = abs(float(to_numpy(scalar_f(xp.astype(x, work)))))
+            atol = max(atol, 8 * fine * max(1.0, size) / step)
     diff = np.abs(analytic - numeric)
     if diff.size == 0:
         return GradCheck(True, (), 0.0, 0.0, 0.0, 0.0, 0.0, rtol, atol, analytic, numeric)
