@@ -225,15 +225,18 @@ def load(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     if suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as f:
-                missing = [k for k in ("X", "y") if k not in f.files]
-                if missing:
-                    raise ValueError(
-                        f"{p.name}: an .npz dataset needs arrays 'X' and 'y'; missing "
-                        f"{', '.join(missing)} (found {', '.join(f.files) or 'none'})"
-                    )
-                X, y = f["X"], f["y"]
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ValueError(f"{p.name}: not a readable .npz file ({exc})") from None
+                arrays = {k: f[k] for k in f.files}
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+            # A non-zip file makes NumPy try (and refuse) to unpickle it: ValueError.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{p.name}: not a readable .npz file ({first})") from None
+        missing = [k for k in ("X", "y") if k not in arrays]
+        if missing:
+            raise ValueError(
+                f"{p.name}: an .npz dataset needs arrays 'X' and 'y'; missing "
+                f"{', '.join(missing)} (found {', '.join(arrays) or 'none'})"
+            )
+        X, y = arrays["X"], arrays["y"]
     elif suffix == ".csv":
         X, y = _load_csv(p)
     else:

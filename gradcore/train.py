@@ -570,7 +570,9 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         with np.load(p, allow_pickle=False) as f:
             contents = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
-        raise ValueError(f"{p.name} is not a readable checkpoint ({exc})") from None
+        # A file that is no zip archive makes NumPy refuse to unpickle it: ValueError.
+        reason = "not an .npz archive" if "pickle" in str(exc) else str(exc).splitlines()[0]
+        raise ValueError(f"{p.name} is not a readable checkpoint ({reason})") from None
     if "__header__" not in contents:
         raise ValueError(f"{p.name} is an .npz file but not a gradcore checkpoint (no header)")
     try:

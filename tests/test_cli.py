@@ -1,0 +1,212 @@
+"""The gradcore command: end to end in a subprocess, and in process for the options."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradcore import cli
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "gradcore", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def _test_accuracy(stdout: str) -> float:
+    match = re.search(r"test accuracy: ([0-9.]+)", stdout)
+    assert match, stdout
+    return float(match.group(1))
+
+
+# --- subprocess: what a user types ---------------------------------------------------------
+
+
+def test_default_run_trains_on_spirals():
+    proc = _run("train")
+    assert proc.returncode == 0, proc.stderr
+    assert "spirals" in proc.stdout
+    assert "numpy" in proc.stdout
+    epochs = re.findall(r"^epoch +(\d+)/40 ", proc.stdout, flags=re.MULTILINE)
+    assert [int(e) for e in epochs] == list(range(1, 41))
+    assert _test_accuracy(proc.stdout) >= 0.95
+    assert "Traceback" not in proc.stderr
+
+
+def test_plot_and_json(tmp_path):
+    png, js = tmp_path / "curves.png", tmp_path / "metrics.json"
+    proc = _run("train", "--epochs", "3", "--plot", str(png), "--json", str(js), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads(js.read_text())
+    assert metrics["backend"] == "numpy"
+    assert metrics["epochs"] == 3
+    assert metrics["history"]["epoch"] == [1, 2, 3]
+    assert len(metrics["history"]["val_accuracy"]) == 3
+    assert metrics["test"]["accuracy"] == pytest.approx(_test_accuracy(proc.stdout), abs=1e-4)
+    assert metrics["model"]["sizes"] == [2, 64, 64, 3]
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["train", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["train", "--epochs", "zero"], 2, "positive integer"),
+        (["train", "--backend", "tensorflow"], 2, "invalid choice"),
+        (["train", "--dataset", "missing.csv"], 1, "no such data file"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_no_traceback(args, status, needle):
+    proc = _run(*args)
+    assert proc.returncode == status
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unavailable_backend_is_one_line():
+    from gradcore import available_backends
+
+    if "cupy" in available_backends():
+        pytest.skip("CuPy and a GPU are available here")
+    proc = _run("train", "--backend", "cupy")
+    assert proc.returncode == 1
+    assert "cupy" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- in process: options -------------------------------------------------------------------
+
+
+def test_info_lists_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("numpy", "torch", "jax", "dask", "array_api_strict", "cupy"):
+        assert re.search(rf"^  {name} ", out, flags=re.MULTILINE), out
+    assert "cpu" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_linear_dataset_recovers_w_and_b(capsys):
+    assert cli.main(["train", "--dataset", "linear", "--dtype", "float64", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    w = re.search(r"learned w = \[\s*([-0-9.]+)\s+([-0-9.]+)\]", out)
+    b = re.search(r"b = \[\s*([-0-9.]+)\]", out)
+    assert w, out
+    assert b, out
+    np.testing.assert_allclose([float(w.group(1)), float(w.group(2))], [2.0, -3.4], atol=1e-2)
+    assert float(b.group(1)) == pytest.approx(4.2, abs=1e-2)
+
+
+def test_torch_backend_softmax_model_sgd(capsys):
+    args = [
+        "train",
+        "--backend",
+        "torch",
+        "--model",
+        "softmax",
+        "--optimizer",
+        "sgd",
+        "--epochs",
+        "2",
+        "--schedule",
+        "cosine",
+        "--quiet",
+    ]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert 0 < _test_accuracy(out) < 0.8  # a linear model cannot separate the spirals
+
+
+def test_save_then_resume(tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    base = ["train", "--hidden", "16", "--activation", "tanh", "--epochs", "2", "--seed", "3"]
+    assert cli.main([*base, "--save", str(ckpt), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2/2" in out
+    assert "saved checkpoint" in out
+    assert (
+        cli.main(
+            [
+                "train",
+                "--resume",
+                str(ckpt),
+                "--epochs",
+                "2",
+                "--seed",
+                "3",
+                "--backend",
+                "array_api_strict",
+                "--save",
+                str(ckpt),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "epoch   3/4" in out
+    assert "epoch   4/4" in out
+    assert "activation='tanh'" in out
+    assert cli.main(["train", "--resume", str(ckpt), "--dataset", "digits", "--quiet"]) == 1
+    assert "2 features" in capsys.readouterr().err
+
+
+def test_csv_dataset(tmp_path, capsys):
+    from gradcore import data
+
+    X, y = data.spirals(120, classes=2, noise=0.1, seed=0)
+    path = tmp_path / "two.csv"
+    rows = [",".join(f"{v:.6f}" for v in X[i]) + f",{y[i]}" for i in range(len(y))]
+    path.write_text("x0,x1,label\n" + "\n".join(rows) + "\n")
+    assert cli.main(["train", "--dataset", str(path), "--epochs", "5", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    path.write_text("x0,x1,label\n1,2,0\n3,nan,1\n")
+    assert cli.main(["train", "--dataset", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "NaN" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--model", "linear"], "classification set"),
+        (["train", "--dataset", "linear", "--model", "softmax"], "regression set"),
+        (["train", "--model", "softmax", "--hidden", "8"], "--hidden applies"),
+        (["train", "--resume", "nowhere.npz"], "no such checkpoint"),
+        (["train", "--dataset", "mnist"], "unknown dataset"),
+        (["train", "--hidden", "8,x"], "layer widths"),
+    ],
+)
+def test_option_errors(capsys, args, needle):
+    assert cli.main(args) != 0
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_diverging_run_reports_the_step(capsys):
+    args = ["train", "--dataset", "linear", "--optimizer", "sgd", "--lr", "1e6", "--epochs", "3"]
+    with np.errstate(all="ignore"):
+        assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"at step \d+", err)
+    assert len(err.strip().splitlines()) == 1

@@ -1,0 +1,480 @@
+"""Training: the same numbers on every backend and as pure PyTorch, models that learn,
+errors before and during training, checkpoints across backends."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import gradcore
+from gradcore import data, nn, optim
+from gradcore.testing import assert_close
+from gradcore.train import NonFiniteLossError, evaluate, fit, load, save
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _spirals(n=150, seed=0):
+    return data.spirals(n, classes=3, noise=0.2, seed=seed)
+
+
+# --- the same numbers everywhere -----------------------------------------------------------
+
+
+def test_numpy_and_torch_through_gradcore_give_the_same_losses():
+    X, y = _spirals(150)
+    runs = {}
+    for name in ("numpy", "torch"):
+        model = nn.MLP([2, 32, 32, 3], seed=7, dtype="float64")
+        h = fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer=optim.Adam(lr=0.01),
+            epochs=5,
+            batch_size=25,
+            backend=name,
+            progress=False,
+        )
+        runs[name] = (h, model)
+    assert len(runs["numpy"][0].step_loss) == 30
+    np.testing.assert_allclose(runs["torch"][0].step_loss, runs["numpy"][0].step_loss, rtol=1e-10)
+    assert isinstance(runs["torch"][1].state_dict()["0.W"], torch.Tensor)
+    for k, v in runs["numpy"][1].state_dict().items():
+        np.testing.assert_allclose(
+            gradcore.to_numpy(runs["torch"][1].state_dict()[k]), v, rtol=1e-9
+        )
+
+
+def test_every_backend_follows_numpy(backend):
+    if backend.name == "dask":
+        pytest.skip("Dask builds a task graph per operation; one step is in test_nn")
+    X, y = _spirals(60, seed=1)
+    ref = nn.MLP([2, 8, 3], seed=2, dtype="float64")
+    expected = fit(
+        ref,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=optim.SGD(0.1, momentum=0.9),
+        epochs=2,
+        batch_size=20,
+        progress=False,
+    )
+    model = nn.MLP([2, 8, 3], seed=2, dtype="float64")
+    h = fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=optim.SGD(0.1, momentum=0.9),
+        epochs=2,
+        batch_size=20,
+        backend=backend,
+        progress=False,
+    )
+    np.testing.assert_allclose(h.step_loss, expected.step_loss, rtol=1e-10)
+    for k, v in ref.state_dict().items():
+        assert_close(model.state_dict()[k], v, xp=backend.xp, rtol=1e-9, atol=1e-14)
+
+
+def _torch_reference(model, X, y, make_opt, epochs, batch_size, seed):
+    """Pure PyTorch: torch.nn layers with the same weights, autograd, torch.optim."""
+    layers = []
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            t = torch.nn.Linear(layer.in_features, layer.out_features).double()
+            with torch.no_grad():
+                t.weight.copy_(torch.tensor(np.asarray(layer.state_dict()["W"]).T))
+                t.bias.copy_(torch.tensor(np.asarray(layer.state_dict()["b"])))
+            layers.append(t)
+        else:
+            layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers)
+    opt = make_opt(net.parameters())
+    rng = np.random.default_rng(seed)  # fit's documented batch order
+    n = X.shape[0]
+    losses = []
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            loss = torch.nn.functional.cross_entropy(
+                net(torch.tensor(X[idx])), torch.tensor(y[idx])
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (
+            lambda: optim.SGD(0.05, momentum=0.9),
+            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=False),
+        ),
+        (
+            lambda: optim.Adam(0.01),
+            lambda p: torch.optim.Adam(p, lr=0.01, foreach=False),
+        ),
+        (
+            lambda: optim.AdamW(0.01, weight_decay=0.1),
+            lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=False),
+        ),
+    ],
+    ids=["sgd-momentum", "adam", "adamw"],
+)
+def test_same_loss_curve_as_pure_pytorch(ours, theirs):
+    X, y = _spirals(200, seed=3)
+    model = nn.MLP([2, 16, 16, 3], seed=5, dtype="float64")
+    expected = _torch_reference(model, X, y, theirs, epochs=5, batch_size=20, seed=9)
+    h = fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=ours(),
+        epochs=5,
+        batch_size=20,
+        seed=9,
+        progress=False,
+    )
+    assert len(expected) == len(h.step_loss) == 50
+    np.testing.assert_allclose(h.step_loss, expected, rtol=1e-8)
+    assert h.step_loss[-1] < 0.8 * h.step_loss[0]
+
+
+# --- models that learn ---------------------------------------------------------------------
+
+
+def test_digits_mlp_reaches_95_percent():
+    pytest.importorskip("sklearn")
+    X, y = data.digits()
+    X_train, X_test, y_train, y_test = data.train_test_split(X, y, test_size=0.25, seed=0)
+    X_train, mean, std = data.standardize(X_train)
+    X_test, _, _ = data.standardize(X_test, mean=mean, std=std)
+    model = nn.MLP([64, 64, 10], seed=0)
+    h = fit(
+        model,
+        X_train,
+        y_train,
+        loss="cross_entropy",
+        optimizer=optim.Adam(0.01),
+        epochs=10,
+        batch_size=32,
+        validation=(X_test, y_test),
+        progress=False,
+    )
+    accuracy = np.mean(np.argmax(model.predict(X_test.astype(np.float32)), axis=1) == y_test)
+    assert accuracy >= 0.95
+    assert h.val_accuracy[-1] == pytest.approx(accuracy)
+
+
+def test_spirals_mlp_reaches_95_percent():
+    X, y = data.spirals(900, classes=3, noise=0.2, seed=0)
+    X_train, X_test, y_train, y_test = data.train_test_split(X, y, seed=0)
+    model = nn.MLP([2, 64, 64, 3], seed=0)
+    h = fit(
+        model,
+        X_train,
+        y_train,
+        loss="cross_entropy",
+        optimizer=optim.Adam(0.01),
+        epochs=25,
+        batch_size=32,
+        validation=(X_test, y_test),
+        progress=False,
+    )
+    accuracy = np.mean(np.argmax(model.predict(X_test), axis=1) == y_test)
+    assert accuracy >= 0.95
+    assert h.accuracy[-1] >= 0.95
+    assert h.loss[-1] < h.loss[0] / 5
+
+
+def test_linear_regression_recovers_w_and_b():
+    w, b = np.array([2.0, -3.4]), 4.2
+    X, y = data.linear(1000, w=w, b=b, noise=0.01, seed=0)
+    model = nn.MLP([2, 1], dtype="float64", seed=0)
+    h = fit(
+        model,
+        X,
+        y,
+        loss="mse",
+        optimizer=optim.SGD(0.05, momentum=0.9),
+        epochs=10,
+        batch_size=32,
+        progress=False,
+    )
+    params = model.state_dict()
+    np.testing.assert_allclose(params["0.W"].ravel(), w, atol=1e-2)
+    np.testing.assert_allclose(params["0.b"], [b], atol=1e-2)
+    assert h.accuracy == [None] * 10
+    assert h.loss[-1] < 1e-3
+
+
+# --- history, progress, errors -------------------------------------------------------------
+
+
+def test_history_and_callback(capsys):
+    X, y = _spirals(90)
+    seen = []
+    h = fit(
+        nn.MLP([2, 8, 3]),
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer="adam",
+        epochs=3,
+        batch_size=32,
+        validation=(X[:30], y[:30]),
+        callback=lambda e, hist: seen.append(e),
+    )
+    assert seen == [1, 2, 3]
+    assert h.epoch == [1, 2, 3]
+    assert len(h) == 3
+    assert len(h.step_loss) == 9  # 90 samples, batches of 32, 32, 26
+    expected = [
+        (32 * h.step_loss[3 * e] + 32 * h.step_loss[3 * e + 1] + 26 * h.step_loss[3 * e + 2]) / 90
+        for e in range(3)
+    ]
+    np.testing.assert_allclose(h.loss, expected, rtol=1e-12)
+    assert all(0 <= a <= 1 for a in h.accuracy + h.val_accuracy)
+    assert h.optimizer_state["step"] == 9
+    assert json.loads(json.dumps(h.to_dict()))["epoch"] == [1, 2, 3]
+    # stderr is not a terminal under pytest: no progress bar.
+    assert capsys.readouterr().err == ""
+
+
+def test_validation_metrics_match_evaluate():
+    X, y = _spirals(120)
+    model = nn.MLP([2, 8, 3], dtype="float64")
+    h = fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer="sgd",
+        epochs=1,
+        batch_size=40,
+        validation=(X, y),
+        progress=False,
+    )
+    m = evaluate(model, X, y, loss="cross_entropy", batch_size=50)
+    logits = model.predict(X)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    assert m["loss"] == pytest.approx(-logp[np.arange(120), y].mean(), rel=1e-12)
+    assert m["accuracy"] == pytest.approx(np.mean(logits.argmax(axis=1) == y))
+    assert h.val_loss[-1] == pytest.approx(m["loss"], rel=1e-12)
+
+
+def test_diverging_loss_stops_with_the_step():
+    X, y = _spirals(100)
+    X = X * 1e3
+    with np.errstate(all="ignore"), pytest.raises(NonFiniteLossError, match=r"at step (\d+)"):
+        fit(
+            nn.MLP([2, 16, 3]),
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer=optim.SGD(1e6),
+            epochs=5,
+            batch_size=10,
+            progress=False,
+        )
+
+
+def test_non_finite_step_is_named_exactly():
+    calls = []
+
+    def loss_fn(pred, target, xp=None):
+        loss, grad = gradcore.mse(pred, target)
+        calls.append(1)
+        return (loss * np.nan if len(calls) == 4 else loss), grad
+
+    X, y = data.linear(40, seed=0)
+    with pytest.raises(NonFiniteLossError, match="nan at step 4 "):
+        fit(
+            nn.MLP([2, 1]),
+            X,
+            y,
+            loss=loss_fn,
+            optimizer="sgd",
+            epochs=2,
+            batch_size=10,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("X", "y", "message"),
+    [
+        (np.ones((5, 2)), np.zeros(4, dtype=int), "5 rows but y has 4"),
+        (np.array([[1.0, np.nan]] * 3), np.zeros(3, dtype=int), "NaN"),
+        (np.ones((3, 2)), np.array([0, 1, 7]), "labels go up to 7"),
+        (np.ones((3, 2)), np.array([0.0, 0.5, 1.0]), "integer class labels"),
+        (np.ones((3, 2)), np.array([0, -1, 1]), ">= 0"),
+    ],
+)
+def test_bad_data_is_refused_before_training(X, y, message):
+    model = nn.MLP([2, 3])
+    before = model.state_dict()["0.W"].copy()
+    with pytest.raises(ValueError, match=message):
+        fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer="sgd",
+            epochs=1,
+            batch_size=2,
+            progress=False,
+        )
+    np.testing.assert_array_equal(model.state_dict()["0.W"], before)
+
+
+def test_bad_arguments_are_refused():
+    X, y = _spirals(30)
+    model = nn.MLP([2, 3])
+    with pytest.raises(ValueError, match="unknown loss"):
+        fit(model, X, y, loss="hinge", optimizer="sgd", epochs=1, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(model, X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="outputs"):
+        fit(
+            nn.MLP([2, 3]), X, np.ones((30, 2)), loss="mse", optimizer="sgd", epochs=1, batch_size=5
+        )
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def test_checkpoint_saved_on_torch_loads_on_numpy(tmp_path):
+    X, y = _spirals(120)
+    model = nn.MLP([2, 16, 3], seed=1, dtype="float64", backend="torch")
+    h = fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=optim.Adam(0.01),
+        epochs=2,
+        batch_size=30,
+        progress=False,
+    )
+    path = save(tmp_path / "run", model, h.optimizer_state, meta={"epochs_done": 2})
+    assert path.name == "run.npz"
+    ckpt = load(path)
+    assert ckpt.meta == {"epochs_done": 2}
+    assert ckpt.optimizer_state["step"] == 8
+    restored = ckpt.build_model("numpy")
+    assert isinstance(restored.state_dict()["0.W"], np.ndarray)
+    np.testing.assert_allclose(restored.predict(X), gradcore.to_numpy(model.predict(X)), rtol=1e-12)
+    # Continuing from the loaded state on NumPy equals continuing on PyTorch.
+    h_np = fit(
+        restored,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=optim.Adam(0.01),
+        epochs=1,
+        batch_size=30,
+        seed=5,
+        optimizer_state=ckpt.optimizer_state,
+        progress=False,
+    )
+    h_t = fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer=optim.Adam(0.01),
+        epochs=1,
+        batch_size=30,
+        seed=5,
+        optimizer_state=h.optimizer_state,
+        progress=False,
+    )
+    np.testing.assert_allclose(h_np.step_loss, h_t.step_loss, rtol=1e-10)
+    assert h_np.optimizer_state["step"] == 12
+
+
+def test_checkpoint_errors(tmp_path):
+    model = nn.MLP([2, 4, 3])
+    path = save(tmp_path / "a.npz", model)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "absent.npz")
+    (tmp_path / "junk.npz").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load(tmp_path / "junk.npz")
+    blob = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load(tmp_path / "cut.npz")
+    np.savez(tmp_path / "other.npz", X=np.ones(3))
+    with pytest.raises(ValueError, match="not a gradcore checkpoint"):
+        load(tmp_path / "other.npz")
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("extra.npy", b"")
+    with pytest.raises(ValueError):
+        load(path)
+    good = save(tmp_path / "b.npz", model)
+    with pytest.raises(ValueError, match=r"missing 4\.W, 4\.b"):
+        nn.MLP([2, 4, 4, 3]).load_state_dict(load(good).params)
+    with pytest.raises(ValueError, match="shape"):
+        nn.MLP([2, 5, 3]).load_state_dict(load(good).params)
+    h_state = optim.SGD(0.1, momentum=0.9).init(model.state_dict())
+    save(good, model, h_state)
+    X, y = _spirals(30)
+    with pytest.raises(ValueError, match="another optimizer"):
+        fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer="adam",
+            epochs=1,
+            batch_size=10,
+            optimizer_state=load(good).optimizer_state,
+            progress=False,
+        )
+
+
+@pytest.mark.gpu
+def test_cupy_training_matches_numpy():
+    X, y = _spirals(150)
+    runs = []
+    for name in ("numpy", "cupy"):
+        model = nn.MLP([2, 32, 3], seed=4, dtype="float64")
+        h = fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer=optim.Adam(0.01),
+            epochs=3,
+            batch_size=25,
+            backend=name,
+            progress=False,
+        )
+        runs.append((h, model))
+    np.testing.assert_allclose(runs[1][0].step_loss, runs[0][0].step_loss, rtol=1e-9)
+    for k, v in runs[0][1].state_dict().items():
+        np.testing.assert_allclose(
+            gradcore.to_numpy(runs[1][1].state_dict()[k]), v, rtol=1e-8, atol=1e-12
+        )
