@@ -590,3 +590,14 @@ def test_example_runs(script: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "agree" in proc.stdout
     assert "DISAGREE" not in proc.stdout
+
+
+def test_docs_code_blocks_run() -> None:
+    """The Python snippets of docs/backprop.md run and their assertions hold."""
+    import re
+
+    text = (ROOT / "docs" / "backprop.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"backprop.md block {i}", "exec"), {})
