@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 
-def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+def run_times(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> list[float]:
+    """Wall times of ``fn()`` in seconds, ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -21,7 +21,12 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    return statistics.median(run_times(fn, repeats=repeats, warmup=warmup))
 
 
 def peak_extra_bytes(fn: Callable[[], Any]) -> int:
