@@ -262,6 +262,9 @@ def jacobian(
             "directional test (gradcore.testing.check_vjp) or raise max_elements"
         )
     device = _device(x)
+    if needed == 0:  # an empty input or output: nothing to differentiate
+        dtype = y.dtype if vjp is not None else _widest_float(xp, x)
+        return xp.zeros((*out_shape, *in_shape), dtype=dtype, device=device)
     if vjp is not None:
         return _jacobian_by_vjp(xp, vjp, x, y, batched, device)
     return _jacobian_by_differences(xp, f, x, y, eps, device)

@@ -231,6 +231,12 @@ def test_jacobian_refuses_oversize_without_working(backend: Any, xp: Any) -> Non
     assert gc.jacobian is jacobian
 
 
+def test_empty_input_gives_empty_jacobian(backend: Any, xp: Any) -> None:
+    x = backend.asarray(np.zeros((0,)))
+    j = jacobian(lambda u: xp.stack([xp.sum(u), xp.sum(u)]), x)
+    assert tuple(j.shape) == (2, 0)
+
+
 def test_argument_errors(backend: Any, xp: Any) -> None:
     x = backend.asarray(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="shaped like x"):
