@@ -393,25 +393,30 @@ def _hard_worker(
     dtype = X.dtype
     C = X.shape[1]
 
-    # exp(x) goes straight into the gradient. When that is x itself, x is gone before
-    # the rows needing the max-shifted route are known, so the row maxima come first.
+    # exp(x) goes straight into the gradient. When that is x itself (in place), x must
+    # stay intact until the rows needing the max-shifted route are known, so exp goes
+    # to a per-thread scratch block and the final multiply writes x; only for wide
+    # column-major blocks, where that scratch would be large, the row maxima come first.
     separate = not np.may_share_memory(X, G)
+    max_first = not separate and block * C * dtype.itemsize > 2 * BLOCK_BYTES
     finfo = np.finfo(dtype)
     lo, hi = math.log(tiny), math.log(float(finfo.max)) - math.log(C) - 1.0
 
     def work(start: int, stop: int) -> None:
-        ar = np.arange(min(block, stop - start))
+        rows = min(block, stop - start)
+        S = None if separate or max_first else np.empty((rows, C), dtype=dtype)
+        ar = np.arange(rows)
         for r0 in range(start, stop, block):
             r1 = min(stop, r0 + block)
             n = r1 - r0
             x, g, i = X[r0:r1], G[r0:r1], ar[:n]
-            s = g
+            s = g if S is None else S[:n]
             lb, act, wy = lab[r0:r1], active[r0:r1], w_y[r0:r1]
             # Everything read from x happens before g (possibly x itself) is written.
             picked = x[i, lb].astype(np.float64)
             if eps > 0.0:
                 xw = (np.add.reduce(x, axis=1) if wv is None else x @ wv).astype(np.float64)
-            if separate:
+            if not max_first:
                 sums, shift = _exp_rows(x, s, tiny)
             else:
                 sums, shift = _exp_rows_inplace(x, lo, hi)

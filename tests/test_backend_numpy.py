@@ -481,3 +481,26 @@ def test_bce_memory_modes_and_layouts(small_blocks) -> None:
     loss, grad = gradcore.binary_cross_entropy_with_logits(z, y, inplace=True)
     assert grad is z
     check_result((loss, grad), ref, np.float64)
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+def test_inplace_column_major_takes_max_first(monkeypatch, extreme) -> None:
+    """In place on wide column-major blocks: the row maxima are found before exp."""
+    monkeypatch.setattr(fast, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(fast, "TRANSPOSED_BLOCK_ROWS", 4)
+    monkeypatch.setattr(fast, "MIN_PARALLEL_ELEMENTS", 0)
+    rng = np.random.default_rng(13)
+    x = np.asfortranarray(rng.standard_normal((18, 7)))
+    if extreme:
+        x[2] += 900.0
+        x[5] -= 900.0
+        x[9, 3] = -np.inf
+    labels = rng.integers(0, 7, size=18)
+    ref = torch_xent(x, labels, z=1e-3)
+    calls: list[int] = []
+    original = fast._exp_rows_inplace
+    monkeypatch.setattr(fast, "_exp_rows_inplace", lambda *a: calls.append(1) or original(*a))
+    loss, grad = gradcore.softmax_cross_entropy(x, labels, z_loss=1e-3, inplace=True)
+    assert calls
+    assert grad is x
+    check_result((loss, grad), ref, np.float64)
