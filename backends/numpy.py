@@ -213,13 +213,17 @@ def _row_sums(s: np.ndarray) -> np.ndarray:
     return np.matmul(s, ones).astype(np.float64)
 
 
-def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray]:
-    """exp(x) into ``s``; return (row sums in float64, per-row shift = log-sum-exp offset)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # overflowing rows are redone below
-        np.exp(x, out=s)
-        sums = _row_sums(s)
+def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """exp(x) into ``s``; return (row sums in float64, per-row shift or None if all 0).
+
+    The caller silences floating-point warnings: rows that overflow are redone here.
+    """
+    np.exp(x, out=s)
+    sums = _row_sums(s)
+    if sums.min() >= tiny and sums.max() < np.inf:  # false with NaN too
+        return sums, None
     ok = sums >= tiny
-    ok &= sums < np.inf  # false for inf and NaN
+    ok &= sums < np.inf
     shift = np.zeros_like(sums)
     if not ok.all():
         idx = np.flatnonzero(~ok)
@@ -234,7 +238,7 @@ def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np
     return sums, shift
 
 
-def _exp_rows_inplace(x: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+def _exp_rows_inplace(x: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray | None]:
     """exp(x - shift) written over x; return (row sums in float64, per-row shift).
 
     Rows whose maximum lies in [lo, hi] need no shift (their sum can neither overflow nor
@@ -403,6 +407,11 @@ def _hard_worker(
     lo, hi = math.log(tiny), math.log(float(finfo.max)) - math.log(C) - 1.0
 
     def work(start: int, stop: int) -> None:
+        # Overflow, 0/0 and log(0) are all handled per row below; silence them once.
+        with np.errstate(all="ignore"):
+            loop(start, stop)
+
+    def loop(start: int, stop: int) -> None:
         rows = min(block, stop - start)
         S = None if separate or max_first else np.empty((rows, C), dtype=dtype)
         ar = np.arange(rows)
@@ -420,23 +429,25 @@ def _hard_worker(
                 sums, shift = _exp_rows(x, s, tiny)
             else:
                 sums, shift = _exp_rows_inplace(x, lo, hi)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                lse = np.log(sums)
+            lse = np.log(sums)
+            if shift is not None:
                 lse += shift
-                a = (1.0 - eps) * wy
-                loss = a * (lse - picked)
-                if eps > 0.0:
-                    a += (eps / C) * W * act
-                    loss += np.where(act, (eps / C) * (W * lse - xw), 0.0)
-                if z > 0.0:
-                    a += (2.0 * z) * lse * act
-                    loss += np.where(act, z * lse * lse, 0.0)
-                coef = a * scale / sums
-                np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
-                if dense is not None:
-                    g -= dense
-                    g[~act] = 0
-                g[i, lb] -= at_label[r0:r1]
+            a = wy if eps == 0.0 else (1.0 - eps) * wy
+            loss = a * (lse - picked)
+            if eps > 0.0:
+                a = a + (eps / C) * W * act
+                loss += np.where(act, (eps / C) * (W * lse - xw), 0.0)
+            if z > 0.0:
+                a = a + (2.0 * z) * lse * act
+                loss += np.where(act, z * lse * lse, 0.0)
+            coef = a / sums
+            if scale != 1.0:
+                coef *= scale
+            np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
+            if dense is not None:
+                g -= dense
+                g[~act] = 0
+            g[i, lb] -= at_label[r0:r1]
             if bad is not None:
                 b = bad[r0:r1]
                 if b.any():
@@ -465,6 +476,10 @@ def _soft_worker(
     mix = eps > 0.0 or wv is not None
 
     def work(start: int, stop: int) -> None:
+        with np.errstate(all="ignore"):  # non-finite rows are handled per row below
+            loop(start, stop)
+
+    def loop(start: int, stop: int) -> None:
         S = np.empty((min(block, stop - start), C), dtype=dtype)
         T = np.empty_like(S) if mix else None
         for r0 in range(start, stop, block):
@@ -479,33 +494,31 @@ def _soft_worker(
                     t += eps / C
                 if wv is not None:
                     t *= wv
-            with np.errstate(invalid="ignore", over="ignore"):
-                mass = np.add.reduce(t, axis=1).astype(np.float64)
-                dot = np.einsum("ij,ij->i", t, x).astype(np.float64)
+            mass = np.add.reduce(t, axis=1).astype(np.float64)
+            dot = np.einsum("ij,ij->i", t, x).astype(np.float64)
             odd = ~np.isfinite(dot)
             if odd.any():
                 # 0 * (-inf) for a masked class with no target mass counts as 0.
                 k = np.flatnonzero(odd)
                 tk, xk = t[k], x[k]
-                with np.errstate(invalid="ignore"):
-                    prod = np.where(tk == 0, 0.0, tk.astype(np.float64) * xk)
+                prod = np.where(tk == 0, 0.0, tk.astype(np.float64) * xk)
                 dot[k] = prod.sum(axis=1)
             sums, shift = _exp_rows(x, s, tiny)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                lse = np.log(sums)
+            lse = np.log(sums)
+            if shift is not None:
                 lse += shift
-                loss = mass * lse - dot
-                a = mass
-                if z > 0.0:
-                    loss += z * lse * lse
-                    a = a + (2.0 * z) * lse
-                coef = a * scale / sums
-                np.multiply(s, coef.astype(dtype)[:, None], out=g)
-                if scale != 1.0:
-                    np.multiply(t, scale, out=s)
-                    g -= s
-                else:
-                    g -= t
+            loss = mass * lse - dot
+            a = mass
+            if z > 0.0:
+                loss += z * lse * lse
+                a = a + (2.0 * z) * lse
+            coef = a * scale / sums
+            np.multiply(s, coef.astype(dtype)[:, None], out=g)
+            if scale != 1.0:
+                np.multiply(t, scale, out=s)
+                g -= s
+            else:
+                g -= t
             row_loss[r0:r1] = loss
 
     return work
