@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,18 +66,20 @@ _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # --- threads ---------------------------------------------------------------------------
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)
 _pool_lock = threading.Lock()
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    """The shared pool of ``n`` threads (new after a fork: the parent's threads are gone)."""
+    global _pool, _pool_key
+    key = (n, os.getpid())
     with _pool_lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[1] == key[1]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gradcore")
-            _pool_size = n
+            _pool_key = key
         return _pool
 
 
