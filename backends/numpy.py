@@ -25,6 +25,13 @@ Softmax cross-entropy, per block of rows :math:`x` (shape ``(b, C)``):
 The log-sum-exp :math:`\log s_i` and the loss are accumulated in float64 per row.
 MSE and BCE-with-logits use the same blocking over flat chunks.
 
+Layouts: any array whose rows (all axes but the class axis) form one strided axis is
+read and written in place through a strided view — C order, Fortran order, slices, or
+``axis=0``. Column-major rows get blocks of many samples so that each block reads whole
+pages. Only N-d arrays whose other axes cannot merge (e.g. ``(N, C, d)`` with
+``axis=1``) go through a contiguous copy of the logits (and, for ``out=`` or
+``inplace=True`` into such a layout, a gradient copied back at the end).
+
 Every fast path first calls the generic kernel's ``_validate_*`` function, so errors are
 the same on both paths, and returns ``NotImplemented`` (the generic code then runs) for
 dtypes other than float32/float64, empty inputs and non-NumPy arrays.
