@@ -102,10 +102,14 @@ def _parallel(n_rows: int, block_rows: int, n_elements: int, work: Callable[...,
         work(0, n_rows)
         return
     edges = [min(n_rows, (n_blocks * k // threads) * block_rows) for k in range(threads + 1)]
+    chunks = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
     pool = _executor(get_num_threads())
-    futures = [pool.submit(work, lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    for f in futures:
-        f.result()
+    futures = [pool.submit(work, lo, hi) for lo, hi in chunks[1:]]
+    try:
+        work(*chunks[0])  # the calling thread takes the first chunk itself
+    finally:
+        for f in futures:  # never return while a worker may still write
+            f.result()
 
 
 # --- layout helpers --------------------------------------------------------------------
