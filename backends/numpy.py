@@ -70,6 +70,12 @@ MIN_PARALLEL_ELEMENTS = 1 << 17
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+
+def _plain(a: Any) -> bool:
+    """A plain ndarray: subclasses (masked arrays, matrices) take the generic path."""
+    return type(a) is np.ndarray
+
+
 # --- threads ---------------------------------------------------------------------------
 
 _pool: ThreadPoolExecutor | None = None
@@ -275,13 +281,13 @@ def _exp_rows_inplace(x: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, 
 
 
 def _xent_prologue(logits: Any, labels: Any, weight: Any, out: Any) -> bool:
-    if not isinstance(logits, np.ndarray) or not isinstance(labels, np.ndarray):
+    if not _plain(logits) or not _plain(labels):
         return False
     if logits.dtype not in _FAST_DTYPES or logits.size == 0:
         return False
-    if weight is not None and not isinstance(weight, np.ndarray):
+    if weight is not None and not _plain(weight):
         return False
-    return out is None or isinstance(out, np.ndarray)
+    return out is None or _plain(out)
 
 
 @register_fast_path("numpy", "softmax_cross_entropy")
@@ -542,9 +548,9 @@ def _soft_worker(
 
 
 def _elementwise_prologue(x: Any, *others: Any) -> bool:
-    if not isinstance(x, np.ndarray) or x.dtype not in _FAST_DTYPES or x.size == 0:
+    if not _plain(x) or x.dtype not in _FAST_DTYPES or x.size == 0:
         return False
-    return all(o is None or isinstance(o, np.ndarray) for o in others)
+    return all(o is None or _plain(o) for o in others)
 
 
 class _Elementwise:
