@@ -291,6 +291,8 @@ class Module:
         """
         target = resolve_backend(backend, device)
         _check_backend_dtype(target, _check_dtype(dtype or self.dtype))
+        if target == self.backend and (dtype is None or _check_dtype(dtype) == self.dtype):
+            return self  # already there: keep the arrays (and any gradients)
         if dtype is not None:
             self._set_dtype(_check_dtype(dtype))
         self._move(target)

@@ -182,7 +182,10 @@ def _check_outputs(model: _nn.Module, X: Any, y: Any, classification: bool, name
     out = model.predict(X[:1, ...])
     width = int(out.shape[-1])
     if classification:
-        top = int(to_numpy(get_namespace(y).max(y)))
+        yxp = get_namespace(y)
+        bottom, top = int(to_numpy(yxp.min(y))), int(to_numpy(yxp.max(y)))
+        if bottom < 0:
+            raise ValueError(f"{name}: class labels must be >= 0, found {bottom}")
         if top >= width:
             raise ValueError(
                 f"{name}: labels go up to {top} but the model has only {width} outputs"
@@ -192,6 +195,14 @@ def _check_outputs(model: _nn.Module, X: Any, y: Any, classification: bool, name
             f"{name}: targets have shape {tuple(y.shape[1:])} per sample but the model "
             f"outputs {width}"
         )
+
+
+def _output_unsaved(model: _nn.Module) -> bool:
+    """Whether no layer keeps the model's output for its backward pass."""
+    last: _nn.Module = model
+    while isinstance(last, _nn.Sequential):
+        last = last.layers[-1]
+    return isinstance(last, _nn.Linear)
 
 
 def _host_backend(b: Backend) -> bool:
@@ -304,7 +315,8 @@ def fit(
     callback : callable, optional
         ``callback(epoch, history)`` after each epoch.
     inplace : bool
-        Let the optimizer update NumPy, CuPy and PyTorch arrays in place.
+        Let the optimizer update NumPy, CuPy and PyTorch arrays in place, and the
+        loss write its gradient over the logits when no layer keeps them.
     check_every : int, optional
         Read the loss on the host every this many steps to check it is finite and
         to update the bar; default every step on the CPU, every 50 on a GPU, and at
@@ -354,6 +366,16 @@ def fit(
 
     if check_every is None:
         check_every = 1 if _host_backend(b) else 50
+    loss_options: dict[str, Any] = {}
+    if isinstance(loss, str):
+        if classification:
+            # The labels were checked once above; a per-step check would cost a pass
+            # over them (and a synchronisation on a GPU).
+            loss_options["check_labels"] = False
+        if inplace and b.name in ("numpy", "cupy", "torch") and _output_unsaved(model):
+            # The logits are needed by nothing after the loss: let the loss write its
+            # gradient over them instead of allocating another array.
+            loss_options["inplace"] = True
     n = int(X.shape[0])
     steps = math.ceil(n / batch_size)
     rng = np.random.default_rng(seed)
@@ -376,18 +398,17 @@ def fit(
                 xb = xp.take(X, idx, axis=0)
                 yb = xp.take(y, idx, axis=0)
                 out = model._forward(xb, True, xp)
-                value, grad = loss_fn(out, yb, xp=xp)
+                if classification:
+                    hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
+                    correct.append(xp.sum(hits))
+                value, grad = loss_fn(out, yb, xp=xp, **loss_options)
                 model._backward(grad, xp)
-                params, state = opt.update(params, model.grads(), state, inplace=inplace)
+                params, state = opt.update(params, model._collect_grads(), state, inplace=inplace)
                 if b.name == "dask":
                     params = _persist(b, params)
                 model._assign(params)
                 pending.append(value)
                 sizes.append(int(xb.shape[0]))
-                if classification:
-                    correct.append(
-                        xp.sum(xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b)))
-                    )
                 global_step += 1
                 if global_step % check_every == 0 or s == steps - 1:
                     first = step0 + global_step - len(pending) + 1

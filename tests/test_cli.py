@@ -210,3 +210,13 @@ def test_diverging_run_reports_the_step(capsys):
     err = capsys.readouterr().err
     assert re.search(r"at step \d+", err)
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_runs_the_training_benchmark(capsys):
+    from pathlib import Path
+
+    if not (Path(cli.__file__).resolve().parent.parent / "benches" / "train_bench.py").is_file():
+        pytest.skip("not a source checkout")
+    assert cli.main(["bench", "--case", "digits", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\| digits \| 64-128-10 \| 64 \| 1797 \|", out, flags=re.MULTILINE), out

@@ -478,3 +478,57 @@ def test_cupy_training_matches_numpy():
         np.testing.assert_allclose(
             gradcore.to_numpy(runs[1][1].state_dict()[k]), v, rtol=1e-8, atol=1e-12
         )
+
+
+def test_device_labels_out_of_range_are_refused():
+    X = torch.ones((4, 2), dtype=torch.float64)
+    y = torch.tensor([0, 1, -1, 2])
+    with pytest.raises(ValueError, match=">= 0"):
+        fit(
+            nn.MLP([2, 3], dtype="float64", backend="torch"),
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer="sgd",
+            epochs=1,
+            batch_size=2,
+            progress=False,
+        )
+
+
+def test_in_place_updates_change_no_numbers():
+    # The last layer keeps its output for its VJP, so the loss must not overwrite it.
+    X, y = data.linear(60, w=(0.5, -0.5), b=0.1, seed=2)
+    target = 1 / (1 + np.exp(-y))
+    runs = []
+    for inplace in (False, True):
+        model = nn.Sequential(
+            nn.Linear(2, 4, dtype="float64", seed=1),
+            nn.Tanh(),
+            nn.Linear(4, 1, dtype="float64", seed=2),
+            nn.Sigmoid(),
+        )
+        h = fit(
+            model,
+            X,
+            target,
+            loss="mse",
+            optimizer=optim.Adam(0.05),
+            epochs=2,
+            batch_size=20,
+            inplace=inplace,
+            progress=False,
+        )
+        runs.append(h.step_loss)
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-13)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from gradcore import train
+
+    assert train._progress_bar(True, 10) is None  # pytest's stderr is no terminal
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = train._progress_bar(True, 10)
+    assert bar is not None
+    bar.close()
+    assert train._progress_bar(False, 10) is None
