@@ -26,7 +26,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +181,10 @@ class Optimizer:
             lr = _check_lr(lr)
         self.lr = lr
         self._schedule = _as_schedule(lr)
+
+    def __iter__(self) -> Iterator[Callable[..., Any]]:
+        """``init, update = optimizer``: the optimizer as its two functions."""
+        return iter((self.init, self.update))
 
     def lr_at(self, t: int) -> float:
         """The learning rate of update number ``t`` (counted from 0)."""

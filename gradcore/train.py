@@ -287,7 +287,9 @@ def fit(
     Parameters
     ----------
     model : gradcore.nn.Module
-        Updated in place (its parameters are replaced each step).
+        Trained in place: with ``inplace=True`` its NumPy, CuPy and PyTorch parameter
+        arrays are overwritten each step (copy :meth:`~gradcore.nn.Module.state_dict`
+        values first to keep them); on other backends they are replaced.
     X : array, shape (N, features)
         NumPy (moved to the backend) or an array of the backend.
     y : array, shape (N,) or (N, outputs)

@@ -219,3 +219,11 @@ def test_state_to_moves_buffers():
     moved = optim.state_to(state, gradcore.backend("torch"))
     assert moved["step"] == 0
     assert isinstance(moved["m"]["W"], torch.Tensor)
+
+
+def test_optimizer_unpacks_into_init_and_update():
+    params, grads = _problem(steps=1)
+    init, update = optim.SGD(lr=0.5)
+    new, state = update(params, grads[0], init(params))
+    np.testing.assert_allclose(new["b"], params["b"] - 0.5 * grads[0]["b"], rtol=1e-15)
+    assert state == {"step": 1}
