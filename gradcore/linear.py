@@ -105,7 +105,9 @@ def linear(x: Any, W: Any, /, b: Any = None, *, xp: Any = None) -> Any:
 
 
 @dispatchable
-def linear_vjp(g: Any, x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, Any]:
+def linear_vjp(
+    g: Any, x: Any, W: Any, /, *, need_dx: bool = True, xp: Any = None
+) -> tuple[Any, Any, Any]:
     r"""Vector-Jacobian product of :func:`linear` with respect to ``x``, ``W`` and ``b``.
 
     Parameters
@@ -116,11 +118,15 @@ def linear_vjp(g: Any, x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, 
         The input of the forward pass (same leading dimensions as ``g``).
     W : array, shape (in, out)
         The weights of the forward pass.
+    need_dx : bool, default True
+        Whether to compute ``dx``. A network's first layer has no use for the
+        gradient of its input; ``False`` skips that matrix product and returns
+        ``dx=None``.
 
     Returns
     -------
-    dx : array, shape (..., in)
-        ``g @ W.T``.
+    dx : array, shape (..., in), or None
+        ``g @ W.T`` (None when ``need_dx`` is False).
     dW : array, shape (in, out)
         ``x.T @ g`` with every leading dimension flattened into the rows.
     db : array, shape (out,)
@@ -159,7 +165,7 @@ def linear_vjp(g: Any, x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, 
     out_dtype = xp.result_type(g, x, W)
     work = _work_dtype(xp, out_dtype)
     gw, xw, Ww = _as(xp, g, work), _as(xp, x, work), _as(xp, W, work)
-    dx = xp.matmul(gw, xp.matrix_transpose(Ww))
+    dx = xp.matmul(gw, xp.matrix_transpose(Ww)) if need_dx else None
     lead = tuple(x.shape[:-1])
     # An explicit row count (not -1) so that in == 0 or out == 0 still reshapes.
     n = math.prod(lead) if all(isinstance(d, int) for d in lead) else -1
@@ -167,4 +173,5 @@ def linear_vjp(g: Any, x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, 
     g2 = xp.reshape(gw, (n, n_out))
     dW = xp.matmul(xp.matrix_transpose(x2), g2)
     db = xp.sum(g2, axis=0)
-    return _as(xp, dx, out_dtype), _as(xp, dW, out_dtype), _as(xp, db, out_dtype)
+    dx = None if dx is None else _as(xp, dx, out_dtype)
+    return dx, _as(xp, dW, out_dtype), _as(xp, db, out_dtype)

@@ -116,7 +116,7 @@ class Module:
     r"""Base class of layers and models.
 
     A module holds its parameters by name in one backend (:attr:`backend`). Subclasses
-    implement ``_forward(x, keep, xp)`` and ``_backward(g, xp)``.
+    implement ``_forward(x, keep, xp)`` and ``_backward(g, xp, need_dx)``.
 
     Attributes
     ----------
@@ -151,18 +151,23 @@ class Module:
 
     __call__ = forward
 
-    def backward(self, g: Any) -> Any:
+    def backward(self, g: Any, *, need_input_grad: bool = True) -> Any:
         r"""The gradient with respect to the last :meth:`forward`'s input.
 
         Parameters
         ----------
         g : array, shape of the output
             The gradient of a scalar loss with respect to the output.
+        need_input_grad : bool, default True
+            ``False`` lets the first layer skip the gradient of the input (for a
+            ``Linear`` layer, one matrix product), when only the parameters'
+            gradients are wanted, as in training.
 
         Returns
         -------
-        array, shape of the input
-            The gradient with respect to the input. The parameters' gradients are
+        array, shape of the input, or None
+            The gradient with respect to the input (None when ``need_input_grad`` is
+            False and the first layer skipped it). The parameters' gradients are
             stored by name and read with :meth:`grads`; each call overwrites them.
         """
         xp = self._xp_seen
@@ -171,7 +176,7 @@ class Module:
                 "backward() needs a forward() first (each forward allows one backward)"
             )
         self._xp_seen = None
-        return self._backward(g, xp)
+        return self._backward(g, xp, need_input_grad)
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The output for ``x`` without keeping anything for a backward pass.
@@ -208,7 +213,7 @@ class Module:
     def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
         raise NotImplementedError
 
-    def _backward(self, g: Any, xp: Any) -> Any:
+    def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
         raise NotImplementedError
 
     # --- parameters ----------------------------------------------------------------
@@ -381,13 +386,13 @@ class Linear(Module):
             self._x = x
         return _linear(x, self._params["W"], self._params.get("b"), xp=xp)
 
-    def _backward(self, g: Any, xp: Any) -> Any:
+    def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
         x, self._x = self._x, None
         if x is None:
             raise RuntimeError(
                 "backward() needs a forward() first (each forward allows one backward)"
             )
-        dx, dW, db = _linear_vjp(g, x, self._params["W"], xp=xp)
+        dx, dW, db = _linear_vjp(g, x, self._params["W"], need_dx=need_dx, xp=xp)
         self._grads = {"W": dW, "b": db} if self.bias else {"W": dW}
         return dx
 
@@ -424,7 +429,7 @@ class _Activation(Module):
         super().__init__()
         self._saved: Any = None
 
-    def _backward(self, g: Any, xp: Any) -> Any:
+    def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
         saved, self._saved = self._saved, None
         if saved is None:
             raise RuntimeError(
@@ -585,9 +590,12 @@ class Sequential(Module):
             x = layer._forward(x, keep, xp)
         return x
 
-    def _backward(self, g: Any, xp: Any) -> Any:
-        for layer in reversed(self.layers):
-            g = layer._backward(g, xp)
+    def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(reversed(self.layers)):
+            # Only the first layer may skip its input gradient (a matrix product for
+            # a Linear layer): every other layer's input gradient feeds the next VJP.
+            g = layer._backward(g, xp, need_dx or i != last)
         return g
 
     def _named(self, attr: str) -> dict[str, Any]:

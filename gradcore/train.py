@@ -404,7 +404,7 @@ def fit(
                     hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
                     correct.append(xp.sum(hits))
                 value, grad = loss_fn(out, yb, xp=xp, **loss_options)
-                model._backward(grad, xp)
+                model._backward(grad, xp, False)  # the data needs no gradient
                 params, state = opt.update(params, model._collect_grads(), state, inplace=inplace)
                 if b.name == "dask":
                     params = _persist(b, params)

@@ -261,3 +261,16 @@ def test_public_names():
     assert sorted(module.__all__) == ["linear", "linear_vjp"]
     assert gradcore.linear is module.linear
     assert gradcore.linear_vjp is module.linear_vjp
+
+
+def test_linear_vjp_can_skip_the_input_gradient(backend):
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((2, 3, 4))
+    W = rng.standard_normal((4, 5))
+    g = rng.standard_normal((2, 3, 5))
+    dx, dW, db = gradcore.linear_vjp(
+        backend.asarray(g), backend.asarray(x), backend.asarray(W), need_dx=False
+    )
+    assert dx is None
+    assert_close(dW, backend.asarray(x.reshape(6, 4).T @ g.reshape(6, 5)))
+    assert_close(db, backend.asarray(g.reshape(6, 5).sum(axis=0)))

@@ -191,6 +191,21 @@ def _check_mlp_against_torch(backend, activation):
         assert_close(grads[f"{i}.b"], t.bias.grad.numpy(), xp=backend.xp, rtol=1e-10, atol=1e-14)
 
 
+def test_backward_without_input_grad_keeps_parameter_grads():
+    rng = _rng(12)
+    model = nn.MLP([5, 6, 3], "tanh", seed=3, dtype="float64")
+    ref = _torch_copy(model)
+    x_np = rng.standard_normal((4, 5))
+    labels = rng.integers(0, 3, size=4)
+    _, g = gradcore.softmax_cross_entropy(model.forward(x_np), labels)
+    assert model.backward(g, need_input_grad=False) is None
+    torch.nn.functional.cross_entropy(ref(torch.tensor(x_np)), torch.tensor(labels)).backward()
+    grads = model.grads()
+    for i, t in zip((0, 2), [m for m in ref if isinstance(m, torch.nn.Linear)], strict=True):
+        np.testing.assert_allclose(grads[f"{i}.W"], t.weight.grad.numpy().T, rtol=1e-12)
+        np.testing.assert_allclose(grads[f"{i}.b"], t.bias.grad.numpy(), rtol=1e-12)
+
+
 def test_sequential_of_hand_built_layers_matches_torch():
     rng = _rng(6)
     model = nn.Sequential(
