@@ -88,6 +88,17 @@ class History:
     def __len__(self) -> int:
         return len(self.epoch)
 
+    def __repr__(self) -> str:
+        # The per-step lists run to thousands of numbers: show where training ended.
+        if not self.epoch:
+            return "History(epochs=0)"
+        parts = [f"epochs={len(self.epoch)}", f"loss={self.loss[-1]:.4g}"]
+        for name in ("accuracy", "val_loss", "val_accuracy"):
+            value = getattr(self, name)[-1]
+            if value is not None:
+                parts.append(f"{name}={value:.4g}")
+        return f"History({', '.join(parts)})"
+
     def to_dict(self) -> dict[str, list[Any]]:
         """The measurements as JSON-serialisable lists (no optimizer state)."""
         return {

@@ -532,3 +532,12 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     assert bar is not None
     bar.close()
     assert train._progress_bar(False, 10) is None
+
+
+def test_history_repr_is_short():
+    from gradcore.train import History
+
+    h = History(epoch=[1, 2], loss=[0.9, 0.5], accuracy=[0.6, 0.8], step_loss=[1.0] * 5000)
+    h.val_loss, h.val_accuracy = [None, 0.7], [None, 0.75]
+    assert repr(h) == "History(epochs=2, loss=0.5, accuracy=0.8, val_loss=0.7, val_accuracy=0.75)"
+    assert repr(History()) == "History(epochs=0)"
