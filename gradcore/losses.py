@@ -395,7 +395,7 @@ def softmax_cross_entropy(
             t = t * (1.0 - eps) + eps / C
         tw = t if w is None else t * w
         # 0 * log(0) is 0 here: a masked class (-inf logit) with no target mass costs nothing.
-        row_loss = -xp.sum(xp.where(tw == 0, zero, tw * logp), axis=-1)
+        row_loss = -xp.sum(tw * xp.where(tw == 0, zero, logp), axis=-1)
         coef = xp.sum(tw, axis=-1, keepdims=True)
         if args.z_loss > 0.0:
             row_loss = row_loss + args.z_loss * lse[..., 0] ** 2
