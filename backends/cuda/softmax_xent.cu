@@ -163,7 +163,9 @@ __device__ __forceinline__ void warp_reduce(float (&v)[K], bool is_max) {
 
 #if VARIANT == 2
 __device__ __forceinline__ void cluster_sync_all() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    // Not .aligned: it is reached right after a branch taken by thread 0 only, and the
+    // .aligned form requires the whole warp to execute it convergently.
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 __device__ __forceinline__ unsigned int cluster_rank() {
     unsigned int r;
@@ -264,7 +266,12 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
 
     RowInfo info;
 #if REDUCTION == 1
-    info.scale = 1.0f / denom[0];
+    {
+        // As the generic code: the gradient is divided by the divisor, or by 1 where the
+        // divisor is 0 (an all-ignored batch: zero gradient, NaN mean in xent_finalize).
+        const float d = denom[0];
+        info.scale = d == 0.0f ? 1.0f : 1.0f / d;
+    }
 #else
     info.scale = 1.0f;
 #endif
@@ -383,7 +390,7 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
                 float sub = smoothing > 0.0f ? eps_c * class_weight(weight, j) : 0.0f;
                 if ((i64)j == info.label) sub += info.coef_w;
                 g[k] = fmaf(as, x[it][k], -info.scale * sub);
-                if (info.state == 1) g[k] = 0.0f * info.scale;
+                if (info.state == 1) g[k] = 0.0f;
                 if (info.state == 2) g[k] = F_NAN;
 #endif
             }
@@ -481,7 +488,7 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
             }
             if ((i64)j == info.label) sub += info.coef_w;
             g[k] = fmaf(as, e, -info.scale * sub);
-            if (info.state == 1) g[k] = 0.0f * info.scale;
+            if (info.state == 1) g[k] = 0.0f;
             if (info.state == 2) g[k] = F_NAN;
 #endif
         }
