@@ -99,10 +99,11 @@ __device__ __forceinline__ void loss_and_grad(float x, float y, float w, float q
     g = 2.0f * wd;
 #else
     // softplus(x) = max(x, 0) + log1p(exp(-|x|)) never overflows; -log(sigmoid(x)) is
-    // softplus(x) - x.
+    // softplus(-x), formed the same way (softplus(x) - x would cancel for large x).
     const float e = __expf(-fabsf(x));
-    const float sp_pos = fmaxf(x, 0.0f) + log1pf(e);
-    const float sp_neg = sp_pos - x;
+    const float l1p = log1pf(e);
+    const float sp_pos = fmaxf(x, 0.0f) + l1p;
+    const float sp_neg = fmaxf(-x, 0.0f) + l1p;
     const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
     const float qy = q * y;
     l = w * (qy * sp_neg + (1.0f - y) * sp_pos);
