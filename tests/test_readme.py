@@ -24,7 +24,7 @@ def test_readme_example_runs(index, pytester):
         return
     pytest.importorskip("torch")
     code = block.replace("epochs=30", "epochs=2").replace(
-        'backend="numpy")', 'backend="numpy", progress=False)'
+        'backend="numpy",', 'backend="numpy", progress=False,'
     )
     exec(compile(code, f"README block {index}", "exec"), {})
 
