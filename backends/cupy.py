@@ -30,6 +30,7 @@ without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -167,7 +168,9 @@ def choose_xent_launch(
         if not cluster_ok:
             return None
         for threads in (512, 1024):
-            size = max(2, -(-n_cols // (threads * budget)))
+            # A power of two: 2, 4 or 8 blocks (8 is the portable maximum). Other sizes
+            # are legal on paper but have not been run here, so they are not used.
+            size = _next_pow2(max(2, -(-n_cols // (threads * budget))))
             if size <= 8:
                 items = -(-vecs // (size * threads))
                 if items * vec <= budget:
@@ -274,13 +277,32 @@ def _dtype_name(dtype: Any) -> str:
     return str(getattr(dtype, "name", dtype))
 
 
+@functools.cache
 def _compute_capability(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).compute_capability)
 
 
+@functools.cache
 def _multiprocessors(device_id: int) -> int:
+    # Cached: cudaGetDeviceProperties is slow (it fills every field), and this is asked
+    # on every call of a pointwise loss.
     attrs = cupy.cuda.runtime.getDeviceProperties(device_id)
     return int(attrs["multiProcessorCount"])
+
+
+#: Largest grid.x of a launch (CUDA's limit for compute capability >= 3.0).
+MAX_GRID = 2**31 - 1
+
+#: Classes per row the kernels index with 32-bit ints (the row's column loops step past
+#: the end by at most BLOCK * VEC <= 8192 before they stop).
+MAX_COLS = 2**31 - 2**14
+
+
+def _on_device(device_id: int, *arrays: Any) -> bool:
+    """Whether every array given (None skipped) is a CuPy array on ``device_id``."""
+    return all(
+        a is None or (isinstance(a, cupy.ndarray) and int(a.device.id) == device_id) for a in arrays
+    )
 
 
 def _contiguous(x: Any) -> bool:
@@ -306,8 +328,10 @@ def _xent(
     n_cols = int(args.num_classes)
     n_rows = int(logits.size) // n_cols
     device_id = int(logits.device.id)
+    if not _on_device(device_id, labels, weight, out):
+        return NotImplemented
     cc = _compute_capability(device_id)
-    if cc < 60 or n_cols >= 2**31:
+    if cc < 60 or n_cols > MAX_COLS:
         return NotImplemented
 
     if args.soft:
@@ -338,6 +362,8 @@ def _xent(
             cluster_ok=cc >= 90,
             force=getattr(_forced, "variant", None),
         )
+        if launch.grid > MAX_GRID:
+            return NotImplemented
         reduction = {"none": 0, "mean": 1, "sum": 2}[args.reduction]
         defines = {
             "LOGIT_KIND": kind,
@@ -492,7 +518,8 @@ def softmax_cross_entropy_bf16(
     if result is NotImplemented:
         raise ValueError(
             "softmax_cross_entropy_bf16 needs C-contiguous logits (and out) with the class "
-            "axis last, at least one element, and float32/float16 soft targets"
+            "axis last, at least one element, float32/float16 soft targets, and every "
+            "array on the logits' device"
         )
     return result
 
@@ -532,6 +559,8 @@ def _pointwise(
         layouts.append(layout)
     n = int(pred.size)
     device_id = int(pred.device.id)
+    if not _on_device(device_id, target, weight, pos_weight, out):
+        return NotImplemented
     if _compute_capability(device_id) < 60:
         return NotImplemented
 
