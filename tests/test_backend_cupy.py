@@ -155,6 +155,74 @@ def test_cuda_sources_compile_with_nvcc() -> None:
     assert not failures, "\n\n".join(failures)
 
 
+def _find_nvrtc() -> str | None:
+    """A libnvrtc to load: $GRADCORE_NVRTC, else what the dynamic loader finds."""
+    import ctypes.util
+
+    path = os.environ.get("GRADCORE_NVRTC")
+    if path:
+        return path
+    return ctypes.util.find_library("nvrtc")
+
+
+def test_cuda_sources_compile_with_nvrtc() -> None:
+    """CuPy compiles with NVRTC, not nvcc: no implicit cuda_runtime.h, and CuPy adds
+    ``-ftz=true`` and the device's ``-arch``. Skipped where no libnvrtc can be loaded
+    (set GRADCORE_NVRTC to the library's path to run it)."""
+    import ctypes
+
+    path = _find_nvrtc()
+    if path is None:
+        pytest.skip("no libnvrtc found (set GRADCORE_NVRTC to its path)")
+    try:
+        # NVRTC opens its builtins library by name at compile time: load the one beside
+        # it first, so that a library outside the loader's path works too.
+        for builtins in sorted(Path(path).parent.glob("libnvrtc-builtins.so.*")):
+            if ".alt." not in builtins.name:
+                ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        pytest.skip(f"libnvrtc at {path} cannot be loaded: {exc}")
+    failures = []
+    for name, arch, options in _compile_jobs():
+        source = (CUDA_DIR / name).read_text().encode()
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), source, name.encode(), 0, None, None) == 0
+        opts = [o.encode() for o in (*options, f"-arch={arch}", "-ftz=true")]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        text = log.value.decode(errors="replace")
+        if rc != 0 or "warning" in text.lower():
+            failures.append(f"{name} {arch} {' '.join(options)}:\n{text}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_cluster_variant_declares_its_cluster_size() -> None:
+    """The cluster variant relies on the compile-time __cluster_dims__ reaching the PTX
+    (the launch through cuLaunchKernel passes no cluster size of its own)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on the PATH")
+    launch = gcp.choose_xent_launch(3, 128256, vec=4, soft=False, cluster_ok=True)
+    assert launch.variant == "cluster"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "k.ptx")
+        cmd = [nvcc, "-arch=sm_90", "--ptx", *gcp.define_options(launch.defines()), "-o", out]
+        done = subprocess.run(
+            [*cmd, str(CUDA_DIR / "softmax_xent.cu")], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        ptx = Path(out).read_text()
+    entry = ptx[ptx.index(".entry xent_rows") :]
+    entry = entry[: entry.index("{")]
+    assert f".reqnctapercluster {launch.cluster}, 1, 1" in entry
+    assert "barrier.cluster.arrive" in ptx
+
+
 # --- pure-Python helpers --------------------------------------------------------------------
 
 
@@ -182,7 +250,7 @@ def test_xent_launch_holds_the_whole_row(n_cols: int, cluster_ok: bool, soft: bo
     assert launch.items * launch.vec <= budget  # and fits in registers
     if launch.variant == "cluster":
         assert cluster_ok
-        assert 2 <= launch.cluster <= 8
+        assert launch.cluster in (2, 4, 8)  # powers of two only
         assert launch.grid == 5 * launch.cluster
     if launch.variant == "warp":
         assert launch.grid == math.ceil(5 / (launch.block // 32))
@@ -538,9 +606,33 @@ def test_xent_all_ignored_mean_is_nan_like_the_generic_path() -> None:
     loss, grad = gradcore.softmax_cross_entropy(x, y)
     with gradcore.use_fast_paths(False):
         g_loss, g_grad = gradcore.softmax_cross_entropy(x, y)
-    np.testing.assert_array_equal(np.isnan(grad.get()), np.isnan(g_grad.get()))
+    np.testing.assert_array_equal(grad.get(), np.zeros((4, 50), dtype=np.float32))
+    np.testing.assert_array_equal(g_grad.get(), np.zeros((4, 50), dtype=np.float32))
     assert np.isnan(float(loss.get()))
     assert np.isnan(float(g_loss.get()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["warp", "online"])
+def test_xent_zero_divisor_divides_the_gradient_by_one(variant: str) -> None:
+    """Weights that are 0 on every present label: the divisor is 0, the gradient (from
+    smoothing and z-loss) is left undivided, as in the generic code."""
+    cp = _cupy()
+    rng = np.random.default_rng(11)
+    x = cp.asarray(rng.standard_normal((6, 40)).astype(np.float32))
+    y = cp.asarray(np.array([1, 2, -100, 1, 2, 1]))
+    w = np.ones(40, dtype=np.float32)
+    w[[1, 2]] = 0.0
+    kw = dict(weight=cp.asarray(w), label_smoothing=0.2, z_loss=1e-2)
+    with gcp.force_xent_variant(variant):
+        loss, grad = gradcore.softmax_cross_entropy(x, y, **kw)
+    with gradcore.use_fast_paths(False):
+        g_loss, g_grad = gradcore.softmax_cross_entropy(x, y, **kw)
+    assert np.all(np.isfinite(grad.get()))
+    assert np.all(grad.get()[2] == 0.0)  # the ignored row
+    _close(grad.get(), g_grad.get(), "float32", "grad")
+    assert not np.isfinite(float(loss.get()))
+    assert not np.isfinite(float(g_loss.get()))
 
 
 @pytest.mark.gpu
@@ -643,6 +735,29 @@ def test_pointwise_losses(loss_name: str, dtype: str, reduction: str) -> None:
         what = f"{loss_name} {dtype} {reduction} w={w_host is not None}"
         _close(_to_host(grad, dtype), ref_grad, dtype, "grad " + what)
         _close(_to_host(loss, dtype), ref_loss, dtype, "loss " + what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bce_large_logits_keep_the_small_softplus(dtype: str) -> None:
+    """softplus(-x) for large x is tiny but not 0 (it was once formed as softplus(x) - x)."""
+    cp = _cupy()
+    x_host = np.array([-60.0, -30.0, -12.0, 0.0, 12.0, 30.0, 60.0], dtype=dtype)
+    y_host = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype)
+    loss, grad = gradcore.binary_cross_entropy_with_logits(
+        cp.asarray(x_host), cp.asarray(y_host), reduction="none"
+    )
+    x = x_host.astype(np.float64)
+    # -log(sigmoid(x)) for y = 1, -log(1 - sigmoid(x)) for y = 0, both log1p(exp(-|x|))
+    # here, since y matches the sign of x.
+    ref = np.log1p(np.exp(-np.abs(x)))
+    got = loss.get().astype(np.float64)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+    else:  # below float16's smallest subnormal the loss rounds to 0
+        tiny = ref < 2.0**-25
+        np.testing.assert_allclose(got[~tiny], ref[~tiny], rtol=2e-3)
+    assert np.all(np.isfinite(grad.get()))
 
 
 @pytest.mark.gpu
