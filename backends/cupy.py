@@ -243,6 +243,8 @@ def define_options(defines: dict[str, int]) -> tuple[str, ...]:
 _modules: dict[tuple[str, tuple[str, ...], int], Any] = {}
 _modules_lock = threading.Lock()
 _forced = threading.local()
+#: Devices where a cluster launch was refused (see ``_xent``); they use the online variant.
+_no_clusters: set[int] = set()
 
 
 @contextlib.contextmanager
@@ -359,20 +361,20 @@ def _xent(
             n_cols,
             vec=vec,
             soft=args.soft,
-            cluster_ok=cc >= 90,
+            cluster_ok=cc >= 90 and device_id not in _no_clusters,
             force=getattr(_forced, "variant", None),
         )
         if launch.grid > MAX_GRID:
             return NotImplemented
         reduction = {"none": 0, "mean": 1, "sum": 2}[args.reduction]
-        defines = {
+        options = {
             "LOGIT_KIND": kind,
             "LABEL_KIND": label_kind,
             "TARGET_KIND": target_kind,
             "HAS_WEIGHT": int(w is not None),
             "REDUCTION": reduction,
-            **launch.defines(),
         }
+        defines = {**options, **launch.defines()}
         denom = cupy.empty(1, dtype=cupy.float32)
         if reduction == 1:
             if args.soft:
@@ -396,24 +398,35 @@ def _xent(
             row_loss = cupy.empty(rows_shape, dtype=logits.dtype)
         else:
             row_loss = cupy.empty(n_rows, dtype=cupy.float32)
-        kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
-        kernel(
-            (launch.grid,),
-            (launch.block,),
-            (
-                logits,
-                labels,
-                denom if w is None else w,
-                grad,
-                row_loss,
-                denom,
-                np.int64(n_rows),
-                np.int64(n_cols),
-                np.int64(args.ignore_index),
-                np.float32(args.label_smoothing),
-                np.float32(args.z_loss),
-            ),
+        row_args = (
+            logits,
+            labels,
+            denom if w is None else w,
+            grad,
+            row_loss,
+            denom,
+            np.int64(n_rows),
+            np.int64(n_cols),
+            np.int64(args.ignore_index),
+            np.float32(args.label_smoothing),
+            np.float32(args.z_loss),
         )
+        kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
+        try:
+            kernel((launch.grid,), (launch.block,), row_args)
+        except cupy.cuda.driver.CUDADriverError:
+            # A cluster the driver refuses to schedule is reported by the launch call
+            # itself, before anything has run: fall back to the online variant, and do
+            # not try clusters on this device again.
+            if launch.variant != "cluster" or getattr(_forced, "variant", None) is not None:
+                raise
+            _no_clusters.add(device_id)
+            launch = choose_xent_launch(
+                n_rows, n_cols, vec=vec, soft=args.soft, cluster_ok=False, force="online"
+            )
+            defines = {**options, **launch.defines()}
+            kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
+            kernel((launch.grid,), (launch.block,), row_args)
         if reduction == 0:
             return row_loss, grad
         loss = cupy.empty((), dtype=logits.dtype)
