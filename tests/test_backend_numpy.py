@@ -541,3 +541,392 @@ def test_xent_random_options_match_generic(shape, data) -> None:
     # a gradient entry's error with the O(1) probabilities (it is exactly 0 when C = 1).
     result = gradcore.softmax_cross_entropy(x, labels, **opts)
     check_result(result, expected, np.float64, scale=1.0 + float(np.max(np.abs(x))))
+
+
+# --- activations, linear and the small-input loss paths -----------------------------------
+#
+# Fast activations must equal the generic bodies bit for bit (NaN positions, infinities,
+# signed zeros), and PyTorch's float64 kernels within rounding. VJP references are
+# PyTorch's own backward kernels of the output (threshold_backward, sigmoid_backward,
+# ...), evaluated in float64 on the same arrays.
+
+UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+ACT_TOL = {np.float32: (2e-7, 1e-44), np.float64: (1e-15, 1e-320)}
+
+
+def special_values(dtype, n: int = 300, seed: int = 0) -> np.ndarray:
+    """Random values of every sign and scale, with NaN, infinities and both zeros."""
+    info = np.finfo(dtype)
+    fixed = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, info.tiny, -info.tiny,
+             info.smallest_subnormal, -info.smallest_subnormal, info.max, -info.max,
+             1.0, -1.0, 1e-3, -1e-3, 20.0, -20.0, 100.0, -100.0, 800.0, -800.0]  # fmt: skip
+    rng = np.random.default_rng(seed)
+    rand = rng.standard_normal(n) * np.exp(rng.uniform(-6, 6, n))
+    with np.errstate(over="ignore"):
+        return np.concatenate([np.array(fixed, dtype=dtype), rand.astype(dtype)])
+
+
+def layouts(a: np.ndarray) -> list[np.ndarray]:
+    """C order, Fortran order, a strided view, 1-D and 0-d versions of ``a``'s values."""
+    a = a[: 2 * 3 * 40]
+    m = a.reshape(6, 40)
+    return [m, np.asfortranarray(m), m[::2, 1::3], a, a[4:5].reshape(())]
+
+
+def assert_same_bits(actual: np.ndarray, desired: np.ndarray) -> None:
+    """Same type, dtype, shape, NaN positions; identical bits everywhere else."""
+    assert type(actual) is np.ndarray, type(actual)
+    assert actual.dtype == desired.dtype
+    assert actual.shape == desired.shape
+    nan = np.isnan(desired)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    u = UINT[desired.dtype]
+    np.testing.assert_array_equal(actual[~nan].view(u), desired[~nan].view(u))
+
+
+def assert_near(actual: np.ndarray, desired: np.ndarray, dtype, bound=None) -> None:
+    """Close to a float64 reference rounded to ``dtype`` (overflow there is inf).
+
+    ``bound`` (per element) scales the absolute tolerance where the formula itself
+    cancels, e.g. ``1 - y*y`` for ``y`` near 1, whose rounding error is that of ``y*y``.
+    """
+    rtol, atol = ACT_TOL[dtype]
+    with np.errstate(over="ignore"):
+        desired = np.asarray(desired).astype(dtype).astype(np.float64)
+    actual = np.asarray(actual, np.float64)
+    if bound is None:
+        np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol, equal_nan=True)
+        return
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(desired))
+    finite = np.isfinite(desired)
+    np.testing.assert_array_equal(actual[~finite], desired[~finite])
+    with np.errstate(all="ignore"):
+        tol = atol + rtol * np.abs(desired) + 4 * rtol * np.asarray(bound, np.float64)
+    err = np.abs(actual - desired)
+    assert np.all(err[finite] <= tol[finite]), (actual[finite], desired[finite])
+
+
+def t64(a: np.ndarray):
+    return torch.tensor(np.asarray(a, dtype=np.float64))
+
+
+FORWARD = {
+    "relu": (torch.relu, {}),
+    "leaky_relu": (lambda t: F.leaky_relu(t, 0.2), {"negative_slope": 0.2}),
+    "leaky_relu_steep": (lambda t: F.leaky_relu(t, 3.0), {"negative_slope": 3.0}),
+    "sigmoid": (torch.sigmoid, {}),
+    "tanh": (torch.tanh, {}),
+}
+BACKWARD = {
+    "relu": (lambda g, y: torch.ops.aten.threshold_backward(g, y, 0), {}),
+    "leaky_relu": (
+        lambda g, y: torch.ops.aten.leaky_relu_backward(g, y, 0.2, True),
+        {"negative_slope": 0.2},
+    ),
+    "leaky_relu_zero": (
+        lambda g, y: torch.ops.aten.leaky_relu_backward(g, y, 0.0, True),
+        {"negative_slope": 0.0},
+    ),
+    "sigmoid": (torch.ops.aten.sigmoid_backward, {}),
+    "tanh": (torch.ops.aten.tanh_backward, {}),
+}
+
+
+def _op(name: str) -> str:
+    return name.split("_steep")[0].split("_zero")[0]
+
+
+FAST_KERNELS = ["relu", "relu_vjp", "leaky_relu", "leaky_relu_vjp", "sigmoid", "sigmoid_vjp",
+                "tanh", "tanh_vjp", "linear", "linear_vjp"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FAST_KERNELS)
+def test_activation_fast_paths_are_registered(name) -> None:
+    assert fast_path_for(name, np_compat) is getattr(fast, name)
+
+
+# inf * 0 and overflow in the special values warn on both paths alike.
+quiet = pytest.mark.filterwarnings("ignore:(invalid value|overflow):RuntimeWarning")
+
+
+@quiet
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(FORWARD))
+def test_activation_forward_fast_path(name, dtype) -> None:
+    ref_fn, opts = FORWARD[name]
+    op = _op(name)
+    kernel, fast_fn = getattr(gradcore, op), getattr(fast, op)
+    for x in layouts(special_values(dtype)):
+        readonly(x)
+        direct = fast_fn(x, **opts)
+        assert direct is not NotImplemented, "the fast path declined"
+        result = kernel(x, **opts)
+        assert_same_bits(result, direct)
+        assert_same_bits(result, generic(kernel, x, **opts))
+        assert_near(result, ref_fn(t64(x)).numpy(), dtype)
+
+
+@quiet
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(BACKWARD))
+def test_activation_vjp_fast_path(name, dtype) -> None:
+    ref_fn, opts = BACKWARD[name]
+    op = _op(name) + "_vjp"
+    kernel, fast_fn = getattr(gradcore, op), getattr(fast, op)
+    values = special_values(dtype)
+    forward = getattr(gradcore, _op(name))
+    with gradcore.use_fast_paths(False):
+        outputs = forward(values, **{k: v for k, v in opts.items() if v > 0})
+    # Gradients with NaN, infinities and zeros; outputs of the forward (for the PyTorch
+    # reference), and raw values of every sign and size (the VJP formula must match the
+    # generic one for any y).
+    gs = layouts(np.roll(values, 7))
+    for ys, reference in ((layouts(outputs), True), (layouts(values), False)):
+        for y, g in zip(ys, gs, strict=True):
+            readonly(g, y)
+            direct = fast_fn(g, y, **opts)
+            assert direct is not NotImplemented, "the fast path declined"
+            result = kernel(g, y, **opts)
+            assert_same_bits(result, direct)
+            assert_same_bits(result, generic(kernel, g, y, **opts))
+            if not reference:
+                continue
+            want = ref_fn(t64(g), t64(y)).numpy()
+            if name == "relu":
+                # PyTorch passes g through where y is NaN; gradcore documents
+                # ``g where y > 0, else 0``.
+                want = np.where(np.isnan(y), 0.0, want)
+            g64, y64 = g.astype(np.float64), y.astype(np.float64)
+            bound = {"sigmoid": np.abs(g64 * y64) * (1 + np.abs(y64)),
+                     "tanh": np.abs(g64) * (1 + y64 * y64)}.get(name)  # fmt: skip
+            assert_near(result, want, dtype, bound)
+
+
+def test_activation_signed_zeros_and_nan() -> None:
+    """The documented values at the kinks: relu keeps -0.0 and NaN, relu_vjp gives +0."""
+    x = np.array([-0.0, 0.0, np.nan, -2.0, np.inf, -np.inf], dtype=np.float32)
+    y = gradcore.relu(x)
+    np.testing.assert_array_equal(np.signbit(y), [True, False, False, False, False, False])
+    np.testing.assert_array_equal(y, [0.0, 0.0, np.nan, 0.0, np.inf, 0.0])
+    g = np.array([-1.0, np.nan, np.inf, -0.0, np.nan, -np.inf], dtype=np.float32)
+    dx = gradcore.relu_vjp(g, y)
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 0.0, 0.0, np.nan, 0.0])
+    assert not np.signbit(dx[:4]).any()  # zeros, not -0.0 from g * 0
+    dl = gradcore.leaky_relu_vjp(g, y, negative_slope=0.5)
+    np.testing.assert_array_equal(dl, [-0.5, np.nan, np.inf, -0.0, np.nan, -np.inf * 0.5])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", ["relu", "leaky_relu", "sigmoid", "tanh"])
+def test_activation_random_shapes_match_generic(op, dtype) -> None:
+    rng = np.random.default_rng(5)
+    kernel, vjp = getattr(gradcore, op), getattr(gradcore, op + "_vjp")
+    for shape in [(0,), (1,), (3, 0, 2), (7, 1, 5), (2, 3, 4, 5), (64, 129)]:
+        x = (rng.standard_normal(shape) * 4).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        readonly(x, g)
+        y = kernel(x)
+        assert_same_bits(y, generic(kernel, x))
+        assert_same_bits(vjp(g, y), generic(vjp, g, y))
+
+
+def test_activation_errors_match_generic() -> None:
+    g = np.zeros((2, 3), dtype=np.float32)
+    cases = [
+        (gradcore.relu_vjp, (g, np.zeros((3, 2), np.float32)), {}),
+        (gradcore.sigmoid_vjp, (g, np.zeros(3, np.float32)), {}),
+        (gradcore.tanh_vjp, (g, np.zeros((2, 3, 1), np.float32)), {}),
+        (gradcore.leaky_relu_vjp, (g, np.zeros((3,), np.float32)), {}),
+        (gradcore.leaky_relu_vjp, (g, g), {"negative_slope": -0.1}),
+        (gradcore.leaky_relu_vjp, (g, g), {"negative_slope": float("nan")}),
+        (gradcore.leaky_relu, (g,), {"negative_slope": "0.1"}),
+        (gradcore.leaky_relu, (g,), {"negative_slope": float("inf")}),
+        (gradcore.relu, (np.zeros(3, dtype=np.int32),), {}),
+        (gradcore.relu_vjp, (g, np.zeros((2, 3), dtype=np.int64)), {}),
+    ]
+    for fn, args, opts in cases:
+        with pytest.raises((TypeError, ValueError)) as on:
+            fn(*args, **opts)
+        with gradcore.use_fast_paths(False), pytest.raises(on.type) as off:
+            fn(*args, **opts)
+        assert str(on.value) == str(off.value)
+
+
+def test_activation_fallbacks() -> None:
+    """float16, mixed dtypes, subclasses and slopes <= 0 go to the generic body."""
+    x16 = np.array([-1.0, 0.5, np.nan], dtype=np.float16)
+    assert fast.relu(x16) is NotImplemented
+    np.testing.assert_array_equal(gradcore.relu(x16), np.array([0.0, 0.5, np.nan], np.float16))
+    assert gradcore.sigmoid(x16).dtype == np.float16
+    g32, y64 = np.ones(3, np.float32), np.array([1.0, -1.0, 0.0])
+    assert fast.relu_vjp(g32, y64) is NotImplemented
+    np.testing.assert_array_equal(gradcore.relu_vjp(g32, y64), [1.0, 0.0, 0.0])
+    masked = np.ma.masked_array([1.0, -1.0])
+    assert fast.relu(masked) is NotImplemented
+    x = np.array([np.inf, -np.inf, -1.0, 0.0])
+    assert fast.leaky_relu(x, negative_slope=0.0) is NotImplemented
+    assert fast.leaky_relu(x, negative_slope=-0.5) is NotImplemented
+    assert_same_bits(
+        gradcore.leaky_relu(x, negative_slope=-0.5),
+        np.array([np.inf, np.inf, 0.5, -0.0]),  # x > 0 ? x : -0.5 x
+    )
+
+
+# --- linear ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("xshape", "bias", "need_dx"),
+    [((8, 5), True, True), ((8, 5), False, False), ((2, 3, 5), True, True), ((5,), True, True),
+     ((0, 5), True, True)],
+)  # fmt: skip
+def test_linear_fast_path(xshape, bias, need_dx, dtype) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(xshape).astype(dtype)
+    W = rng.standard_normal((5, 4)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype) if bias else None
+    g = rng.standard_normal((*xshape[:-1], 4)).astype(dtype)
+    readonly(x, W, b, g)
+    y = gradcore.linear(x, W, b)
+    direct = fast.linear(x, W, b)
+    assert direct is not NotImplemented
+    assert_same_bits(y, direct)
+    assert_same_bits(y, generic(gradcore.linear, x, W, b))
+    grads = gradcore.linear_vjp(g, x, W, need_dx=need_dx)
+    assert fast.linear_vjp(g, x, W, need_dx=need_dx) is not NotImplemented
+    expected = generic(gradcore.linear_vjp, g, x, W, need_dx=need_dx)
+    for actual, want in zip(grads, expected, strict=True):
+        if want is None:
+            assert actual is None
+        else:
+            assert_same_bits(actual, want)
+    # PyTorch autograd in float64.
+    xt, Wt = t64(x).requires_grad_(True), t64(W).requires_grad_(True)
+    bt = t64(b).requires_grad_(True) if bias else torch.zeros(4, dtype=torch.float64,
+                                                              requires_grad=True)  # fmt: skip
+    out = xt @ Wt + bt
+    out.backward(t64(g))
+    rtol = RTOL[dtype] * 10
+    close(y, out.detach().numpy(), rtol)
+    if need_dx:
+        close(grads[0], xt.grad.numpy(), rtol)
+    close(grads[1], Wt.grad.numpy(), rtol)
+    close(grads[2], bt.grad.numpy(), rtol)
+
+
+def test_linear_fallbacks_and_errors() -> None:
+    x, W = np.ones((3, 2), np.float32), np.ones((2, 4), np.float64)
+    assert fast.linear(x, W) is NotImplemented  # mixed dtypes: the generic promotes
+    assert gradcore.linear(x, W).dtype == np.float64
+    W32 = np.ones((2, 4), np.float32)
+    cases = [
+        (gradcore.linear, (x, np.ones((3, 4), np.float32))),
+        (gradcore.linear, (x, W32, np.ones(3, np.float32))),
+        (gradcore.linear_vjp, (np.ones((3, 3), np.float32), x, W32)),
+        (gradcore.linear_vjp, (np.ones((3, 4), np.float32), x, np.ones(2, np.float32))),
+    ]
+    for fn, args in cases:
+        with pytest.raises(ValueError) as on:
+            fn(*args)
+        with gradcore.use_fast_paths(False), pytest.raises(ValueError) as off:
+            fn(*args)
+        assert str(on.value) == str(off.value)
+
+
+# --- small inputs of the losses -------------------------------------------------------------
+
+
+@pytest.fixture
+def small_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
+    """Records whether each direct small-input path produced the result."""
+    calls: dict[str, list[bool]] = {"xent": [], "mse": []}
+    for key, name in (("xent", "_xent_small"), ("mse", "_mse_small")):
+        original = getattr(fast, name)
+
+        def recording(*args, _original=original, _key=key):
+            result = _original(*args)
+            calls[_key].append(result is not None)
+            return result
+
+        monkeypatch.setattr(fast, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_xent_small_direct_path(small_spy, dtype, reduction, inplace) -> None:
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((64, 10)) * 3).astype(dtype)
+    labels = rng.integers(0, 10, size=64)
+    ref = torch_xent(x, labels, reduction=reduction)
+    labels = labels.astype(np.int32)
+    expected = generic(gradcore.softmax_cross_entropy, x, labels, reduction=reduction)
+    readonly(labels)
+    if not inplace:
+        readonly(x)
+    result = gradcore.softmax_cross_entropy(x, labels, reduction=reduction, inplace=inplace)
+    assert small_spy["xent"] == [True]
+    if inplace:
+        assert result[1] is x
+    check_result(result, ref, dtype)
+    check_result(result, expected, dtype)
+
+
+@pytest.mark.parametrize(
+    "case", ["ignored", "ignore_index_in_range", "out_of_range", "huge", "nan", "minus_inf"]
+)
+def test_xent_small_declines_to_general_path(small_spy, case) -> None:
+    """Rows the direct path does not handle go to the blocked loop, unharmed."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((9, 4)) * 2
+    labels = rng.integers(0, 4, size=9)
+    opts: dict = {}
+    if case == "ignored":
+        labels[3] = -100
+    elif case == "ignore_index_in_range":
+        labels[:] = [0, 1, 2, 3, 0, 1, 2, 3, 2]
+        opts["ignore_index"] = 2
+    elif case == "out_of_range":
+        labels[5] = 4
+        opts["check_labels"] = False
+    elif case == "huge":
+        x[2] += 1000.0
+    elif case == "nan":
+        x[4, 1] = np.nan
+    else:
+        x[6] = -np.inf
+    x_before = x.copy()
+    with np.errstate(all="ignore"):  # the generic body warns on the all -inf row
+        expected = generic(gradcore.softmax_cross_entropy, x_before, labels, **opts)
+    result = gradcore.softmax_cross_entropy(x, labels, inplace=True, **opts)
+    assert small_spy["xent"] == [False]
+    assert result[1] is x
+    if case in ("out_of_range", "nan", "minus_inf"):
+        bad = {"out_of_range": 5, "nan": 4, "minus_inf": 6}[case]
+        assert np.isnan(result[0])
+        assert np.isnan(result[1][bad]).all()
+        assert np.isfinite(np.delete(result[1], bad, axis=0)).all()
+        np.testing.assert_allclose(result[1], expected[1], rtol=1e-12, equal_nan=True)
+        return
+    ref = torch_xent(x_before, labels, ignore_index=opts.get("ignore_index", -100))
+    check_result(result, ref, np.float64, scale=1000.0 if case == "huge" else 0.0)
+    check_result(result, expected, np.float64, scale=1000.0 if case == "huge" else 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(), (7,), (16, 5)])
+def test_mse_small_direct_path(small_spy, dtype, reduction, shape) -> None:
+    rng = np.random.default_rng(2)
+    p = np.asarray(rng.standard_normal(shape)).astype(dtype)
+    t = np.asarray(rng.standard_normal(shape)).astype(dtype)
+    readonly(p, t)
+    result = gradcore.mse(p, t, reduction=reduction)
+    assert small_spy["mse"] == [True]
+    loss, grad = result
+    assert type(loss) is np.ndarray
+    assert type(grad) is np.ndarray
+    check_result(result, torch_mse(p, t, reduction=reduction), dtype)
+    check_result(result, generic(gradcore.mse, p, t, reduction=reduction), dtype)
