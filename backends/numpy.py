@@ -61,6 +61,7 @@ import array_api_compat.numpy as np_compat
 import numpy as np
 
 from gradcore import activations as _act
+from gradcore._checks import check_same_shape
 from gradcore._dispatch import get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
 from gradcore.losses import _validate_bce, _validate_mse, _validate_xent
@@ -889,7 +890,7 @@ def _fast2(g: Any, y: Any, y_name: str) -> bool:
     """Both plain float32/float64 arrays of one dtype; raises the generic shape error."""
     if not (_fast1(g) and type(y) is np.ndarray and y.dtype == g.dtype):
         return False
-    _act._check_same_shape(g, y, "g", y_name)
+    check_same_shape(g, y, "g", y_name)
     return True
 
 

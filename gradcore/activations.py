@@ -18,6 +18,7 @@ from typing import Any
 
 import array_api_compat
 
+from ._checks import astype, check_floating, check_same_shape, compute_dtype
 from ._dispatch import dispatchable
 from ._namespace import get_namespace
 
@@ -51,19 +52,6 @@ _GELU_CLIP = 1e4
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _check_floating(xp: Any, x: Any, name: str) -> None:
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must be an array of a real floating dtype, got dtype {x.dtype}")
-
-
-def _check_same_shape(g: Any, y: Any, g_name: str, y_name: str) -> None:
-    if tuple(g.shape) != tuple(y.shape):
-        raise ValueError(
-            f"{g_name} must have the shape of {y_name}: got {g_name}.shape={tuple(g.shape)} "
-            f"and {y_name}.shape={tuple(y.shape)}"
-        )
-
-
 def _check_axis(x: Any, axis: Any, name: str = "x") -> int:
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -83,17 +71,6 @@ def _check_slope(negative_slope: Any) -> float:
     if not math.isfinite(negative_slope):
         raise ValueError(f"negative_slope must be finite, got {negative_slope!r}")
     return float(negative_slope)
-
-
-def _work_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype to compute in: float32 for anything narrower, else ``dtype`` itself."""
-    if dtype == xp.float64 or dtype == xp.float32:
-        return dtype
-    return xp.float32
-
-
-def _as(xp: Any, x: Any, dtype: Any) -> Any:
-    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _scalar(xp: Any, value: float, like: Any) -> Any:
@@ -141,7 +118,7 @@ def relu(x: Any, /, *, xp: Any = None) -> Any:
     :math:`y_i > 0` exactly when :math:`x_i > 0`.
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     return xp.where(x < 0, _scalar(xp, 0.0, x), x)
 
 
@@ -173,9 +150,9 @@ def relu_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     :math:`\bar x = \bar y \odot [y > 0]`; the subgradient at :math:`x = 0` is 0.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     return xp.where(y > 0, g, _scalar(xp, 0.0, g))
 
 
@@ -218,7 +195,7 @@ def leaky_relu(x: Any, /, *, negative_slope: float = 0.01, xp: Any = None) -> An
     :math:`\alpha \bar y_i` (see :func:`leaky_relu_vjp`).
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     slope = _check_slope(negative_slope)
     return xp.where(x > 0, x, x * slope)
 
@@ -258,9 +235,9 @@ def leaky_relu_vjp(g: Any, y: Any, /, *, negative_slope: float = 0.01, xp: Any =
     from the output and is refused. At :math:`x = 0` the subgradient is :math:`\alpha`.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     slope = _check_slope(negative_slope)
     if slope < 0:
         raise ValueError(
@@ -303,9 +280,9 @@ def sigmoid(x: Any, /, *, xp: Any = None) -> Any:
     VJP: :math:`\bar x = \bar y \odot y \odot (1 - y)` (see :func:`sigmoid_vjp`).
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
-    work = _work_dtype(xp, x.dtype)
-    return _as(xp, _sigmoid(xp, _as(xp, x, work)), x.dtype)
+    check_floating(xp, x, "x")
+    work = compute_dtype(xp, x.dtype)
+    return astype(xp, _sigmoid(xp, astype(xp, x, work)), x.dtype)
 
 
 @dispatchable
@@ -336,9 +313,9 @@ def sigmoid_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     :math:`\bar x = \bar y \odot y \odot (1 - y)`.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     return g * (y * (1.0 - y))
 
 
@@ -373,9 +350,9 @@ def tanh(x: Any, /, *, xp: Any = None) -> Any:
     VJP: :math:`\bar x = \bar y \odot (1 - y^2)` (see :func:`tanh_vjp`).
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
-    work = _work_dtype(xp, x.dtype)
-    return _as(xp, xp.tanh(_as(xp, x, work)), x.dtype)
+    check_floating(xp, x, "x")
+    work = compute_dtype(xp, x.dtype)
+    return astype(xp, xp.tanh(astype(xp, x, work)), x.dtype)
 
 
 @dispatchable
@@ -406,9 +383,9 @@ def tanh_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     :math:`\bar x = \bar y \odot (1 - y^2)`.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     return g * (1.0 - y * y)
 
 
@@ -457,12 +434,12 @@ def gelu(x: Any, /, *, xp: Any = None) -> Any:
     ``x`` (see :func:`gelu_vjp`). ``gelu(-inf)`` is NaN (``-inf * 0``), as in PyTorch.
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
-    work = _work_dtype(xp, x.dtype)
-    xw = _as(xp, x, work)
+    check_floating(xp, x, "x")
+    work = compute_dtype(xp, x.dtype)
+    xw = astype(xp, x, work)
     xc = xp.clip(xw, -_GELU_CLIP, _GELU_CLIP)
     u2 = (2.0 * _GELU_C) * (xc + _GELU_A * (xc * xc * xc))
-    return _as(xp, xw * _sigmoid(xp, u2), x.dtype)
+    return astype(xp, xw * _sigmoid(xp, u2), x.dtype)
 
 
 @dispatchable
@@ -499,12 +476,12 @@ def gelu_vjp(g: Any, x: Any, /, *, xp: Any = None) -> Any:
     the clip keeps :math:`x^3` from overflowing into ``0 * inf``.
     """
     xp = get_namespace(g, x, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, x, "x")
-    _check_same_shape(g, x, "g", "x")
+    check_floating(xp, g, "g")
+    check_floating(xp, x, "x")
+    check_same_shape(g, x, "g", "x")
     out_dtype = xp.result_type(g, x)
-    work = _work_dtype(xp, out_dtype)
-    xc = xp.clip(_as(xp, x, work), -_GELU_CLIP, _GELU_CLIP)
+    work = compute_dtype(xp, out_dtype)
+    xc = xp.clip(astype(xp, x, work), -_GELU_CLIP, _GELU_CLIP)
     x2 = xc * xc
     u2 = (2.0 * _GELU_C) * (xc + _GELU_A * (x2 * xc))
     # s (1 - s) = e / (1 + e)^2 with e = exp(-|2u|): accurate on both tails, where
@@ -514,7 +491,7 @@ def gelu_vjp(g: Any, x: Any, /, *, xp: Any = None) -> Any:
     s = xp.where(u2 >= 0, p, e * p)
     tail = (2.0 * _GELU_C) * xc * (1.0 + (3.0 * _GELU_A) * x2)
     dydx = s + tail * (e * (p * p))
-    return _as(xp, _as(xp, g, work) * dydx, out_dtype)
+    return astype(xp, astype(xp, g, work) * dydx, out_dtype)
 
 
 # --- softmax and log-softmax -----------------------------------------------------------
@@ -556,12 +533,12 @@ def softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     product taken along ``axis`` (see :func:`softmax_vjp`).
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     axis = _check_axis(x, axis)
-    work = _work_dtype(xp, x.dtype)
-    xw = _as(xp, x, work)
+    work = compute_dtype(xp, x.dtype)
+    xw = astype(xp, x, work)
     e = xp.exp(xw - xp.max(xw, axis=axis, keepdims=True))
-    return _as(xp, e / xp.sum(e, axis=axis, keepdims=True), x.dtype)
+    return astype(xp, e / xp.sum(e, axis=axis, keepdims=True), x.dtype)
 
 
 @dispatchable
@@ -596,15 +573,15 @@ def softmax_vjp(g: Any, y: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     (:math:`y_i = 0`) get gradient 0. float16 sums in float32.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     axis = _check_axis(y, axis, "y")
     out_dtype = xp.result_type(g, y)
-    work = _work_dtype(xp, out_dtype)
-    gw, yw = _as(xp, g, work), _as(xp, y, work)
+    work = compute_dtype(xp, out_dtype)
+    gw, yw = astype(xp, g, work), astype(xp, y, work)
     dot = xp.sum(gw * yw, axis=axis, keepdims=True)
-    return _as(xp, yw * (gw - dot), out_dtype)
+    return astype(xp, yw * (gw - dot), out_dtype)
 
 
 @dispatchable
@@ -645,12 +622,12 @@ def log_softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     :func:`log_softmax_vjp`).
     """
     xp = get_namespace(x, xp=xp)
-    _check_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     axis = _check_axis(x, axis)
-    work = _work_dtype(xp, x.dtype)
-    xw = _as(xp, x, work)
+    work = compute_dtype(xp, x.dtype)
+    xw = astype(xp, x, work)
     z = xw - xp.max(xw, axis=axis, keepdims=True)
-    return _as(xp, z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True)), x.dtype)
+    return astype(xp, z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True)), x.dtype)
 
 
 @dispatchable
@@ -685,12 +662,12 @@ def log_softmax_vjp(g: Any, y: Any, /, *, axis: int = -1, xp: Any = None) -> Any
     :math:`\bar y_i` through, as in PyTorch. float16 sums in float32.
     """
     xp = get_namespace(g, y, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, y, "y")
-    _check_same_shape(g, y, "g", "y")
+    check_floating(xp, g, "g")
+    check_floating(xp, y, "y")
+    check_same_shape(g, y, "g", "y")
     axis = _check_axis(y, axis, "y")
     out_dtype = xp.result_type(g, y)
-    work = _work_dtype(xp, out_dtype)
-    gw, yw = _as(xp, g, work), _as(xp, y, work)
+    work = compute_dtype(xp, out_dtype)
+    gw, yw = astype(xp, g, work), astype(xp, y, work)
     total = xp.sum(gw, axis=axis, keepdims=True)
-    return _as(xp, gw - xp.exp(yw) * total, out_dtype)
+    return astype(xp, gw - xp.exp(yw) * total, out_dtype)

@@ -49,6 +49,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._checks import check_floating, is_floating
 from ._namespace import backend_name, get_namespace, to_numpy
 
 __all__ = [
@@ -83,15 +84,6 @@ def _size(shape: tuple[Any, ...]) -> int:
 
 def _device(x: Any) -> Any:
     return array_api_compat.device(x)
-
-
-def _is_floating(xp: Any, x: Any) -> bool:
-    return bool(xp.isdtype(x.dtype, "real floating"))
-
-
-def _require_floating(xp: Any, x: Any, name: str) -> None:
-    if not _is_floating(xp, x):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 
 def _widest_float(xp: Any, x: Any) -> Any:
@@ -299,7 +291,7 @@ def _jacobian_by_vjp(
 def _jacobian_by_differences(
     xp: Any, f: Callable[[Any], Any], x: Any, y: Any, eps: float | None, device: Any
 ) -> Any:
-    _require_floating(xp, x, "x (for finite differences)")
+    check_floating(xp, x, "x (for finite differences)")
     in_shape, out_shape = tuple(x.shape), tuple(y.shape)
     n = _size(in_shape)
     x64 = xp.reshape(_float64(xp, x), (n,))
@@ -434,7 +426,7 @@ def mean_jacobian(values: Any, /, *, xp: Any = None) -> Any:
     """
     xp = get_namespace(values, xp=xp)
     n = _size(tuple(values.shape))
-    dtype = values.dtype if _is_floating(xp, values) else xp.float64
+    dtype = values.dtype if is_floating(xp, values) else xp.float64
     return xp.full((n,), 1.0 / n, dtype=dtype, device=_device(values))
 
 
@@ -456,7 +448,7 @@ def squared_error_jacobian(pred: Any, target: Any, /, *, xp: Any = None) -> Any:
     """
     xp = get_namespace(pred, target, xp=xp)
     _same_shape(pred, target, "pred", "target")
-    _require_floating(xp, pred, "pred")
+    check_floating(xp, pred, "pred")
     d = -2.0 * (xp.astype(target, pred.dtype) - pred)
     return _diag(xp, xp.reshape(d, (-1,)))
 
@@ -489,7 +481,7 @@ def linear_jacobians(x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, An
     :math:`\partial \hat y/\partial b = 1`.
     """
     xp = get_namespace(x, W, xp=xp)
-    _require_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     if W.ndim != 2:
         raise ValueError(f"W must have shape (in, out), got {tuple(W.shape)}")
     n_in, n_out = int(W.shape[0]), int(W.shape[1])
@@ -566,7 +558,7 @@ def activation_jacobian(
     :func:`softmax_jacobian` and :func:`log_softmax_jacobian`.
     """
     xp = get_namespace(x, xp=xp)
-    _require_floating(xp, x, "x")
+    check_floating(xp, x, "x")
     one = xp.ones_like(x)
     if activation == "relu":
         d = xp.astype(x > 0, x.dtype)
@@ -605,7 +597,7 @@ def softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
         vector :math:`g` is :math:`\hat y \odot (g - \langle g, \hat y\rangle)`.
     """
     xp = get_namespace(y, xp=xp)
-    _require_floating(xp, y, "y")
+    check_floating(xp, y, "y")
     rows = _rows(xp, y, "y")
     k = int(rows.shape[1])
     blocks = xp.reshape(_eye(xp, k, y.dtype, y), (1, k, k)) * xp.reshape(rows, (-1, 1, k))
@@ -628,7 +620,7 @@ def log_softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
         (:math:`\partial \log \hat y_k/\partial l_j = \delta_{kj} - \hat y_j`).
     """
     xp = get_namespace(y, xp=xp)
-    _require_floating(xp, y, "y")
+    check_floating(xp, y, "y")
     p = xp.exp(_rows(xp, y, "y"))
     k = int(p.shape[1])
     blocks = xp.reshape(_eye(xp, k, y.dtype, y), (1, k, k)) - xp.reshape(p, (-1, 1, k))
@@ -655,7 +647,7 @@ def cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None) -> Any
     """
     xp = get_namespace(probs, target, xp=xp)
     _same_shape(probs, target, "probs", "target")
-    _require_floating(xp, probs, "probs")
+    check_floating(xp, probs, "probs")
     d = -xp.astype(target, probs.dtype) / probs
     if probs.ndim == 1:
         return d
@@ -685,7 +677,7 @@ def binary_cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None)
     """
     xp = get_namespace(probs, target, xp=xp)
     _same_shape(probs, target, "probs", "target")
-    _require_floating(xp, probs, "probs")
+    check_floating(xp, probs, "probs")
     t = xp.astype(target, probs.dtype)
     one = xp.ones_like(probs)
     d = -t / probs + (one - t) / (one - probs)

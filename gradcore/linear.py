@@ -10,15 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._checks import astype, check_floating, compute_dtype
 from ._dispatch import dispatchable
 from ._namespace import get_namespace
 
 __all__ = ["linear", "linear_vjp"]
-
-
-def _check_floating(xp: Any, a: Any, name: str) -> None:
-    if not xp.isdtype(a.dtype, "real floating"):
-        raise TypeError(f"{name} must be an array of a real floating dtype, got dtype {a.dtype}")
 
 
 def _check_x_w(x: Any, W: Any) -> None:
@@ -31,17 +27,6 @@ def _check_x_w(x: Any, W: Any) -> None:
             f"x's last dimension ({x.shape[-1]}) must match W's first ({W.shape[0]}): "
             f"got x.shape={tuple(x.shape)} and W.shape={tuple(W.shape)}"
         )
-
-
-def _work_dtype(xp: Any, dtype: Any) -> Any:
-    # Narrow floats (float16, bfloat16) accumulate their products in float32.
-    if dtype == xp.float64 or dtype == xp.float32:
-        return dtype
-    return xp.float32
-
-
-def _as(xp: Any, a: Any, dtype: Any) -> Any:
-    return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
 @dispatchable
@@ -84,11 +69,11 @@ def linear(x: Any, W: Any, /, b: Any = None, *, xp: Any = None) -> Any:
     all batch rows (see :func:`linear_vjp`).
     """
     xp = get_namespace(x, W, b, xp=xp)
-    _check_floating(xp, x, "x")
-    _check_floating(xp, W, "W")
+    check_floating(xp, x, "x")
+    check_floating(xp, W, "W")
     _check_x_w(x, W)
     if b is not None:
-        _check_floating(xp, b, "b")
+        check_floating(xp, b, "b")
         if tuple(b.shape) != (W.shape[1],):
             raise ValueError(
                 f"b must have shape (out,) = ({W.shape[1]},) to match W.shape="
@@ -97,11 +82,11 @@ def linear(x: Any, W: Any, /, b: Any = None, *, xp: Any = None) -> Any:
         out_dtype = xp.result_type(x, W, b)
     else:
         out_dtype = xp.result_type(x, W)
-    work = _work_dtype(xp, out_dtype)
-    y = xp.matmul(_as(xp, x, work), _as(xp, W, work))
+    work = compute_dtype(xp, out_dtype)
+    y = xp.matmul(astype(xp, x, work), astype(xp, W, work))
     if b is not None:
-        y = y + _as(xp, b, work)
-    return _as(xp, y, out_dtype)
+        y = y + astype(xp, b, work)
+    return astype(xp, y, out_dtype)
 
 
 @dispatchable
@@ -151,9 +136,9 @@ def linear_vjp(
               \bar b = G^\top \mathbf 1.
     """
     xp = get_namespace(g, x, W, xp=xp)
-    _check_floating(xp, g, "g")
-    _check_floating(xp, x, "x")
-    _check_floating(xp, W, "W")
+    check_floating(xp, g, "g")
+    check_floating(xp, x, "x")
+    check_floating(xp, W, "W")
     _check_x_w(x, W)
     n_in, n_out = W.shape
     expected = (*tuple(x.shape[:-1]), n_out)
@@ -163,8 +148,8 @@ def linear_vjp(
             f"{tuple(g.shape)} (x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)})"
         )
     out_dtype = xp.result_type(g, x, W)
-    work = _work_dtype(xp, out_dtype)
-    gw, xw, Ww = _as(xp, g, work), _as(xp, x, work), _as(xp, W, work)
+    work = compute_dtype(xp, out_dtype)
+    gw, xw, Ww = astype(xp, g, work), astype(xp, x, work), astype(xp, W, work)
     dx = xp.matmul(gw, xp.matrix_transpose(Ww)) if need_dx else None
     lead = tuple(x.shape[:-1])
     # An explicit row count (not -1) so that in == 0 or out == 0 still reshapes.
@@ -173,5 +158,5 @@ def linear_vjp(
     g2 = xp.reshape(gw, (n, n_out))
     dW = xp.matmul(xp.matrix_transpose(x2), g2)
     db = xp.sum(g2, axis=0)
-    dx = None if dx is None else _as(xp, dx, out_dtype)
-    return dx, _as(xp, dW, out_dtype), _as(xp, db, out_dtype)
+    dx = None if dx is None else astype(xp, dx, out_dtype)
+    return dx, astype(xp, dW, out_dtype), astype(xp, db, out_dtype)

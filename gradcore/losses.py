@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
+from ._checks import check_floating, check_same_shape, compute_dtype, is_floating
 from ._dispatch import dispatchable
 from ._namespace import backend_name, get_namespace
 
@@ -37,27 +38,6 @@ def _check_reduction(reduction: Any) -> str:
             f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}"
         )
     return str(reduction)
-
-
-def _is_floating(xp: Any, x: Any) -> bool:
-    return bool(xp.isdtype(x.dtype, "real floating"))
-
-
-def _check_floating(xp: Any, x: Any, name: str) -> None:
-    if not _is_floating(xp, x):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
-
-
-def _compute_dtype(xp: Any, dtype: Any) -> Any:
-    """float16/bfloat16 are computed in float32; other floating dtypes in themselves."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
-
-
-def _check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
-    if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(
-            f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}"
-        )
 
 
 def _check_broadcastable(x: Any, w: Any, name: str, to: str) -> None:
@@ -183,7 +163,7 @@ def _validate_xent(
         ``axis`` as a non-negative int, the number of classes, whether ``labels`` are
         soft (class probabilities), and the scalar options as Python numbers.
     """
-    _check_floating(xp, logits, "logits")
+    check_floating(xp, logits, "logits")
     ndim = logits.ndim
     if ndim < 1:
         raise ValueError("logits must have at least one dimension (the class axis)")
@@ -211,7 +191,7 @@ def _validate_xent(
     if check_labels not in (None, True, False):
         raise TypeError(f"check_labels must be None, True or False, got {check_labels!r}")
 
-    if _is_floating(xp, labels):
+    if is_floating(xp, labels):
         soft = True
         if tuple(labels.shape) != tuple(logits.shape):
             raise ValueError(
@@ -238,7 +218,7 @@ def _validate_xent(
         )
 
     if weight is not None:
-        _check_floating(xp, weight, "weight")
+        check_floating(xp, weight, "weight")
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(
                 f"weight must have shape ({num_classes},), one per class, got {tuple(weight.shape)}"
@@ -379,7 +359,7 @@ def softmax_cross_entropy(
     )
     moved = args.axis != logits.ndim - 1
     x = xp.moveaxis(logits, args.axis, -1) if moved else logits
-    cdtype = _compute_dtype(xp, logits.dtype)
+    cdtype = compute_dtype(xp, logits.dtype)
     x = xp.astype(x, cdtype)
     w = None if weight is None else xp.astype(weight, cdtype)
     C = args.num_classes
@@ -462,12 +442,12 @@ def _validate_mse(
     pred: Any, target: Any, *, weight: Any, reduction: Any, out: Any, inplace: Any, xp: Any
 ) -> str:
     """Check the arguments of :func:`mse`; return the reduction."""
-    _check_floating(xp, pred, "pred")
+    check_floating(xp, pred, "pred")
     if not xp.isdtype(target.dtype, ("real floating", "integral")):
         raise TypeError(f"target must have a real numeric dtype, got {target.dtype}")
-    _check_same_shape(pred, target, "pred", "target")
+    check_same_shape(pred, target, "pred", "target")
     if weight is not None:
-        _check_floating(xp, weight, "weight")
+        check_floating(xp, weight, "weight")
         _check_broadcastable(pred, weight, "weight", "pred")
     reduction = _check_reduction(reduction)
     _check_output(pred, "pred", out, inplace)
@@ -524,7 +504,7 @@ def mse(
     reduction = _validate_mse(
         pred, target, weight=weight, reduction=reduction, out=out, inplace=inplace, xp=xp
     )
-    cdtype = _compute_dtype(xp, pred.dtype)
+    cdtype = compute_dtype(xp, pred.dtype)
     diff = xp.astype(pred, cdtype) - xp.astype(target, cdtype)
     wdiff = diff if weight is None else xp.astype(weight, cdtype) * diff
     elementwise = wdiff * diff
@@ -558,15 +538,15 @@ def _validate_bce(
     xp: Any,
 ) -> str:
     """Check the arguments of :func:`binary_cross_entropy_with_logits`; return the reduction."""
-    _check_floating(xp, logits, "logits")
+    check_floating(xp, logits, "logits")
     if not xp.isdtype(targets.dtype, ("real floating", "integral", "bool")):
         raise TypeError(f"targets must have a real numeric dtype, got {targets.dtype}")
-    _check_same_shape(logits, targets, "logits", "targets")
+    check_same_shape(logits, targets, "logits", "targets")
     if weight is not None:
-        _check_floating(xp, weight, "weight")
+        check_floating(xp, weight, "weight")
         _check_broadcastable(logits, weight, "weight", "logits")
     if pos_weight is not None:
-        _check_floating(xp, pos_weight, "pos_weight")
+        check_floating(xp, pos_weight, "pos_weight")
         _check_broadcastable(logits, pos_weight, "pos_weight", "logits")
     reduction = _check_reduction(reduction)
     _check_output(logits, "logits", out, inplace)
@@ -639,7 +619,7 @@ def binary_cross_entropy_with_logits(
         inplace=inplace,
         xp=xp,
     )
-    cdtype = _compute_dtype(xp, logits.dtype)
+    cdtype = compute_dtype(xp, logits.dtype)
     x = xp.astype(logits, cdtype)
     y = xp.astype(targets, cdtype)
     zero = xp.zeros((), dtype=cdtype, device=array_api_compat.device(x))
