@@ -9,9 +9,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 \
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl array-api-compat==1.16 array-api-strict==2.6
+#       -d .whl array-api-compat==1.16 array-api-strict==2.6 setuptools==80.9.0
 #
-# (both are pure-Python py3-none-any wheels, well under 1 MiB together). Then run this
+# (pure-Python py3-none-any wheels, about 1.4 MiB together; setuptools because the
+# package's SPDX license field needs setuptools >= 77 and the machine's may be older,
+# and --no-build-isolation builds with whatever is importable). Then run this
 # script from the repo root in a single call, carrying .whl, with a limit of about 9
 # minutes; it keeps itself under 8 (pytest <= 330 s, benchmark <= 140 s):
 #
