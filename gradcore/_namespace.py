@@ -125,7 +125,11 @@ def get_namespace(*arrays: Any, xp: Any = None) -> Any:
         if first_device is None:
             first_device = array_api_compat.device(first)
         other_device = array_api_compat.device(a)
-        if other_device != first_device:
+        # None is an unknown device (a JAX tracer under jit): it matches any device,
+        # and the first known device becomes the one the others must match.
+        if first_device is None:
+            first_device = other_device
+        elif other_device is not None and other_device != first_device:
             raise ValueError(
                 f"arrays on two different devices: {first_device!r} and {other_device!r}; "
                 "move them to one device first"

@@ -119,6 +119,23 @@ def test_get_namespace_two_torch_devices():
     assert "meta" in str(info.value)
 
 
+def test_get_namespace_jax_tracer_with_a_concrete_array():
+    # Under jax.jit a traced argument has no device (None); a concrete array closed
+    # over by the traced function (a class weight) has one. That is not two devices.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    weight = jnp.asarray([1.0, 2.0])
+    seen = []
+
+    def f(x):
+        seen.append(gradcore.get_namespace(x, weight).__name__)
+        seen.append(gradcore.get_namespace(weight, x).__name__)
+        return x
+
+    jax.jit(f)(jnp.asarray([3.0, 4.0]))
+    assert seen == ["jax.numpy", "jax.numpy"]
+
+
 @pytest.mark.parametrize("args", [(), (None,), (1.0, None, 2), (True,)])
 def test_get_namespace_without_arrays_is_a_type_error(args):
     with pytest.raises(TypeError, match="at least one array"):
