@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat
+
 
 def is_floating(xp: Any, x: Any) -> bool:
     """Whether ``x`` has a real floating dtype."""
     return bool(xp.isdtype(x.dtype, "real floating"))
+
+
+def check_array(x: Any, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``x`` is an array (not a Python scalar)."""
+    if not array_api_compat.is_array_api_obj(x):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
 
 
 def check_floating(xp: Any, x: Any, name: str) -> None:

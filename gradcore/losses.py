@@ -20,7 +20,13 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._checks import check_floating, check_same_shape, compute_dtype, is_floating
+from ._checks import (
+    check_array,
+    check_floating,
+    check_same_shape,
+    compute_dtype,
+    is_floating,
+)
 from ._dispatch import dispatchable
 from ._namespace import backend_name, get_namespace
 
@@ -73,6 +79,7 @@ def _check_output(x: Any, name: str, out: Any, inplace: bool) -> None:
         if _is_read_only(x):
             raise ValueError(f"inplace=True needs {name} to be writable, but it is read-only")
     if out is not None:
+        check_array(out, "out")
         if _is_immutable(out):
             raise ValueError(
                 f"out= needs a writable array, but {backend_name(get_namespace(out))} "
@@ -119,9 +126,46 @@ def _default_check_labels(xp: Any, x: Any) -> bool:
     return False
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _label_masks(xp: Any, labels: Any, num_classes: int, ignore_index: int) -> tuple[Any, Any, Any]:
+    """``(labels, ignored, bad)``: labels in an integer dtype that can also hold the class
+    count and ``ignore_index``, and the masks of ignored and out-of-range labels.
+
+    Comparing in the labels' own dtype would wrap around (``arange(300)`` in int8) or
+    overflow (-100 as a uint8), silently picking a wrong class; narrow labels are widened.
+    """
+    info = xp.iinfo(labels.dtype)
+    lo, hi = min(ignore_index, 0), max(ignore_index, num_classes)
+    huge = None
+    if not (info.min <= lo and hi <= info.max):
+        if info.max > _INT64_MAX:  # uint64: values past int64 are out of range anyway
+            huge = labels > _INT64_MAX
+            labels = xp.astype(labels, xp.int64)
+        elif min(info.min, lo) >= -(2**31) and max(info.max, hi) < 2**31:
+            labels = xp.astype(labels, xp.int32)
+        else:
+            labels = xp.astype(labels, xp.int64)
+    ignored = labels == ignore_index
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if huge is not None:
+        ignored = ignored & ~huge
+        out_of_range = out_of_range | huge
+    return labels, ignored, ~ignored & out_of_range
+
+
 def _check_labels_in_range(xp: Any, labels: Any, num_classes: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if not bool(xp.any(bad)):
+    _, _, bad = _label_masks(xp, labels, num_classes, ignore_index)
+    try:
+        any_bad = bool(xp.any(bad))
+    except TypeError as exc:  # a JAX tracer: the labels' values are not known yet
+        raise TypeError(
+            "check_labels=True needs the labels' values, which are not known under jax.jit "
+            "(or another tracing transform); use check_labels=False there: out-of-range "
+            "labels then give NaN rows"
+        ) from exc
+    if not any_bad:
         return
     flat_bad = xp.reshape(bad, (-1,))
     first = int(xp.argmax(xp.astype(flat_bad, xp.int32)))
@@ -173,9 +217,16 @@ def _validate_xent(
         raise ValueError(f"axis {axis} is out of range for logits with {ndim} dimensions")
     axis %= ndim
     num_classes = int(logits.shape[axis])
+    if num_classes == 0:
+        raise ValueError(
+            f"logits must have at least one class along axis {axis}, got shape "
+            f"{tuple(logits.shape)}"
+        )
     reduction = _check_reduction(reduction)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     try:
         label_smoothing = float(label_smoothing)
     except (TypeError, ValueError):
@@ -218,6 +269,7 @@ def _validate_xent(
         )
 
     if weight is not None:
+        check_array(weight, "weight")
         check_floating(xp, weight, "weight")
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(
@@ -385,11 +437,9 @@ def softmax_cross_entropy(
         divisor = xp.asarray(float(rows), dtype=cdtype, device=array_api_compat.device(x))
         bad = None
     else:
-        lab = labels
+        lab, ignored, bad = _label_masks(xp, labels, C, args.ignore_index)
         classes = xp.arange(C, dtype=lab.dtype, device=array_api_compat.device(lab))
         onehot = lab[..., None] == classes
-        ignored = lab == args.ignore_index
-        bad = ~ignored & ((lab < 0) | (lab >= C))
         active = ~ignored & ~bad
         nll = -xp.sum(xp.where(onehot, logp, zero), axis=-1)
         if w is None:
@@ -447,6 +497,7 @@ def _validate_mse(
         raise TypeError(f"target must have a real numeric dtype, got {target.dtype}")
     check_same_shape(pred, target, "pred", "target")
     if weight is not None:
+        check_array(weight, "weight")
         check_floating(xp, weight, "weight")
         _check_broadcastable(pred, weight, "weight", "pred")
     reduction = _check_reduction(reduction)
@@ -543,9 +594,11 @@ def _validate_bce(
         raise TypeError(f"targets must have a real numeric dtype, got {targets.dtype}")
     check_same_shape(logits, targets, "logits", "targets")
     if weight is not None:
+        check_array(weight, "weight")
         check_floating(xp, weight, "weight")
         _check_broadcastable(logits, weight, "weight", "logits")
     if pos_weight is not None:
+        check_array(pos_weight, "pos_weight")
         check_floating(xp, pos_weight, "pos_weight")
         _check_broadcastable(logits, pos_weight, "pos_weight", "logits")
     reduction = _check_reduction(reduction)

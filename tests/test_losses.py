@@ -549,3 +549,113 @@ def test_inputs_are_not_mutated():
     gradcore.binary_cross_entropy_with_logits(x, (x > 0) * 1.0)
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(labels, l0)
+
+
+# --- label dtypes, jit with closed-over arrays, scalars where arrays belong -------------
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16", "int32", "uint32"])
+def test_narrow_integer_labels_pick_the_right_class(backend, dtype):
+    # More classes than the label dtype can count (int8/uint8 with 300 classes): the
+    # one-hot comparison and the range check must not wrap around in the label dtype,
+    # and an unsigned dtype must not choke on the negative default ignore_index.
+    if not hasattr(backend.xp, dtype):
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(17)
+    C = 300
+    x = rng.standard_normal((4, C))
+    top = min(np.iinfo(dtype).max, C - 1)
+    labels = np.array([5, top, 0, 44]).astype(dtype)
+    want_loss, want_grad = _torch_xent(x, labels.astype(np.int64), reduction="none")
+    for check in (None, True, False):
+        loss, grad = gradcore.softmax_cross_entropy(
+            backend.asarray(x), backend.asarray(labels), reduction="none", check_labels=check
+        )
+        assert_close(loss, want_loss, xp=backend.xp)
+        assert_close(grad, want_grad, xp=backend.xp, atol=1e-15)
+
+
+def test_narrow_labels_out_of_range_are_caught(backend):
+    if not hasattr(backend.xp, "uint8"):
+        pytest.skip("no uint8")
+    x = np.zeros((3, 4))
+    labels = np.array([0, 200, 3], dtype=np.uint8)  # 200 >= 4 classes
+    with pytest.raises(ValueError, match=r"class index 200 at position \(1,\)"):
+        gradcore.softmax_cross_entropy(
+            backend.asarray(x), backend.asarray(labels), check_labels=True
+        )
+    loss, grad = gradcore.softmax_cross_entropy(
+        backend.asarray(x), backend.asarray(labels), reduction="none", check_labels=False
+    )
+    loss, grad = backend.to_numpy(loss), backend.to_numpy(grad)
+    assert np.isnan(loss[1])
+    assert np.all(np.isnan(grad[1]))
+    assert np.all(np.isfinite(loss[[0, 2]]))
+
+
+def test_jax_jit_with_closed_over_weight_and_every_option():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((6, 5))
+    labels = np.array([0, 4, -100, 2, 1, 3])
+    w = rng.random(5) + 0.2
+    opts = dict(label_smoothing=0.2, z_loss=1e-2)
+    for reduction in ("mean", "sum", "none"):
+        weight = jnp.asarray(w)  # concrete, closed over by the traced function
+        fn = jax.jit(
+            lambda a, b, r=reduction, wt=weight: gradcore.softmax_cross_entropy(
+                a, b, weight=wt, reduction=r, **opts
+            )
+        )
+        loss, grad = fn(jnp.asarray(x), jnp.asarray(labels))
+        want_loss, want_grad = _torch_xent(x, labels, weight=w, reduction=reduction, **opts)
+        np.testing.assert_allclose(np.asarray(loss), want_loss, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-12, atol=1e-15)
+    y = rng.random((6, 5))
+    q = jnp.asarray(rng.random(5) + 0.5)
+    bce = jax.jit(lambda a, b: gradcore.binary_cross_entropy_with_logits(a, b, pos_weight=q))
+    loss, grad = bce(jnp.asarray(x), jnp.asarray(y))
+    xt = torch.tensor(x, requires_grad=True)
+    tl = F.binary_cross_entropy_with_logits(
+        xt, torch.tensor(y), pos_weight=torch.tensor(np.asarray(q))
+    )
+    tl.backward()
+    np.testing.assert_allclose(np.asarray(loss), tl.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+    msq = jax.jit(lambda a, b: gradcore.mse(a, b, weight=q))
+    loss, grad = msq(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(np.asarray(loss), np.mean(np.asarray(q) * (x - y) ** 2))
+    np.testing.assert_allclose(np.asarray(grad), 2 * np.asarray(q) * (x - y) / x.size)
+
+
+def test_check_labels_true_under_jax_jit_says_why():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    fn = jax.jit(lambda a, b: gradcore.softmax_cross_entropy(a, b, check_labels=True))
+    with pytest.raises(TypeError, match=r"check_labels=True.*jit"):
+        fn(jnp.zeros((2, 3)), jnp.asarray([0, 1]))
+
+
+def test_scalars_where_arrays_belong_are_type_errors_naming_the_argument():
+    x = np.zeros((2, 3))
+    labels = np.array([0, 1])
+    for call, word in [
+        (lambda: gradcore.softmax_cross_entropy(x, labels, weight=2.0), "weight"),
+        (lambda: gradcore.mse(x, x, weight=0.5), "weight"),
+        (lambda: gradcore.binary_cross_entropy_with_logits(x, x, weight=0.5), "weight"),
+        (lambda: gradcore.binary_cross_entropy_with_logits(x, x, pos_weight=3.0), "pos_weight"),
+        (lambda: gradcore.mse(x, x, out=[[0.0] * 3] * 2), "out"),
+    ]:
+        with pytest.raises(TypeError, match=f"{word} must be an array"):
+            call()
+
+
+def test_no_classes_is_a_value_error(backend):
+    with pytest.raises(ValueError, match="at least one class"):
+        gradcore.softmax_cross_entropy(
+            backend.asarray(np.zeros((2, 0))), backend.asarray(np.array([-100, -100]))
+        )
