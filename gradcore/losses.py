@@ -207,6 +207,8 @@ def _validate_xent(
         ``axis`` as a non-negative int, the number of classes, whether ``labels`` are
         soft (class probabilities), and the scalar options as Python numbers.
     """
+    check_array(logits, "logits")
+    check_array(labels, "labels")
     check_floating(xp, logits, "logits")
     ndim = logits.ndim
     if ndim < 1:
@@ -463,9 +465,13 @@ def softmax_cross_entropy(
         divisor = xp.sum(w_y)
 
     if args.reduction == "mean":
-        loss = xp.sum(row_loss) / divisor
-        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch.
-        grad = grad / xp.where(divisor == 0, xp.ones_like(divisor), divisor)
+        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch;
+        # the NaN is put in place rather than divided out, which would warn.
+        empty = divisor == 0
+        safe = xp.where(empty, xp.ones_like(divisor), divisor)
+        nan = xp.asarray(float("nan"), dtype=cdtype, device=array_api_compat.device(x))
+        loss = xp.where(empty, nan, xp.sum(row_loss) / safe)
+        grad = grad / safe
     elif args.reduction == "sum":
         loss = xp.sum(row_loss)
     else:
@@ -485,6 +491,14 @@ def softmax_cross_entropy(
     return loss, _deliver(grad, logits, out, inplace)
 
 
+def _mean(xp: Any, elementwise: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The mean of ``elementwise`` over ``shape``; NaN for no elements, without a 0/0."""
+    n = math.prod(shape)
+    if n == 0:
+        return xp.asarray(float("nan"), dtype=dtype, device=array_api_compat.device(elementwise))
+    return xp.sum(elementwise) / float(n)
+
+
 # --- mean squared error -----------------------------------------------------------------
 
 
@@ -492,6 +506,8 @@ def _validate_mse(
     pred: Any, target: Any, *, weight: Any, reduction: Any, out: Any, inplace: Any, xp: Any
 ) -> str:
     """Check the arguments of :func:`mse`; return the reduction."""
+    check_array(pred, "pred")
+    check_array(target, "target")
     check_floating(xp, pred, "pred")
     if not xp.isdtype(target.dtype, ("real floating", "integral")):
         raise TypeError(f"target must have a real numeric dtype, got {target.dtype}")
@@ -561,9 +577,8 @@ def mse(
     elementwise = wdiff * diff
     grad = 2.0 * wdiff
     if reduction == "mean":
-        n = math.prod(tuple(pred.shape))
-        loss = xp.sum(elementwise) / float(n)
-        grad = grad / float(max(n, 1))
+        loss = _mean(xp, elementwise, tuple(pred.shape), cdtype)
+        grad = grad / float(max(math.prod(tuple(pred.shape)), 1))
     elif reduction == "sum":
         loss = xp.sum(elementwise)
     else:
@@ -589,6 +604,8 @@ def _validate_bce(
     xp: Any,
 ) -> str:
     """Check the arguments of :func:`binary_cross_entropy_with_logits`; return the reduction."""
+    check_array(logits, "logits")
+    check_array(targets, "targets")
     check_floating(xp, logits, "logits")
     if not xp.isdtype(targets.dtype, ("real floating", "integral", "bool")):
         raise TypeError(f"targets must have a real numeric dtype, got {targets.dtype}")
@@ -692,9 +709,8 @@ def binary_cross_entropy_with_logits(
     elementwise = xp.broadcast_to(elementwise, tuple(x.shape))
     grad = xp.broadcast_to(grad, tuple(x.shape))
     if reduction == "mean":
-        n = math.prod(tuple(x.shape))
-        loss = xp.sum(elementwise) / float(n)
-        grad = grad / float(max(n, 1))
+        loss = _mean(xp, elementwise, tuple(x.shape), cdtype)
+        grad = grad / float(max(math.prod(tuple(x.shape)), 1))
     elif reduction == "sum":
         loss = xp.sum(elementwise)
     else:

@@ -649,6 +649,10 @@ def test_scalars_where_arrays_belong_are_type_errors_naming_the_argument():
         (lambda: gradcore.binary_cross_entropy_with_logits(x, x, weight=0.5), "weight"),
         (lambda: gradcore.binary_cross_entropy_with_logits(x, x, pos_weight=3.0), "pos_weight"),
         (lambda: gradcore.mse(x, x, out=[[0.0] * 3] * 2), "out"),
+        (lambda: gradcore.mse(x, 0.0), "target"),
+        (lambda: gradcore.mse(1.0, x), "pred"),
+        (lambda: gradcore.binary_cross_entropy_with_logits(x, 1.0), "targets"),
+        (lambda: gradcore.softmax_cross_entropy(x, 1), "labels"),
     ]:
         with pytest.raises(TypeError, match=f"{word} must be an array"):
             call()
@@ -659,3 +663,22 @@ def test_no_classes_is_a_value_error(backend):
         gradcore.softmax_cross_entropy(
             backend.asarray(np.zeros((2, 0))), backend.asarray(np.array([-100, -100]))
         )
+
+
+def test_all_ignored_mean_is_nan_without_a_warning(backend):
+    # PyTorch returns NaN quietly; a 0/0 inside the kernel would warn on NumPy-based
+    # libraries.
+    import warnings
+
+    x = backend.asarray(np.zeros((2, 3)))
+    labels = backend.asarray(np.array([-100, -100]))
+    for fast in (True, False):
+        with warnings.catch_warnings(), gradcore.use_fast_paths(fast):
+            warnings.simplefilter("error")
+            loss, _ = gradcore.softmax_cross_entropy(x, labels)
+            assert np.isnan(backend.to_numpy(loss))
+            empty = backend.asarray(np.zeros((0, 3)))
+            for kernel in (gradcore.mse, gradcore.binary_cross_entropy_with_logits):
+                loss, grad = kernel(empty, empty)
+                assert np.isnan(backend.to_numpy(loss))
+                assert tuple(grad.shape) == (0, 3)
