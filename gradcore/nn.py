@@ -277,6 +277,12 @@ class Module:
         # No copy and no checks: the training loop hands back updated arrays each step.
         self._params.update(params)
 
+    def _set_grads(self, grads: Mapping[str, Any]) -> None:
+        # For a compiled training step, which returns the gradients instead of
+        # leaving them in the layers.
+        if self._params:
+            self._grads = dict(grads)
+
     def to(self, backend: Backend | str, device: Any = None, *, dtype: str | None = None) -> Module:
         r"""Move the parameters to ``backend`` (a :class:`Backend` or a name), in place.
 
@@ -625,6 +631,14 @@ class Sequential(Module):
             per_layer.setdefault(int(prefix), {})[local] = value
         for index, values in per_layer.items():
             self.layers[index]._assign(values)
+
+    def _set_grads(self, grads: Mapping[str, Any]) -> None:
+        per_layer: dict[int, dict[str, Any]] = {}
+        for name, value in grads.items():
+            prefix, _, local = name.partition(".")
+            per_layer.setdefault(int(prefix), {})[local] = value
+        for index, values in per_layer.items():
+            self.layers[index]._set_grads(values)
 
     def _set_dtype(self, dtype: str) -> None:
         self.dtype = dtype

@@ -256,29 +256,53 @@ class Optimizer:
             raise ValueError(f"grads are for {sorted(grads)} but params are {sorted(params)}")
         t = int(state["step"])
         lr = self.lr_at(t)
-        new_params: Params = {}
         new_state: State = {"step": t + 1}
-        for buf in self.buffers:
-            new_state[buf] = {}
         fast = inplace and _inplace_ok(params, state, self.buffers)
-        rule = self._update_inplace if fast else self._update_one
-        for name, p in params.items():
-            bufs = {buf: state[buf][name] for buf in self.buffers}
-            new_p, new_bufs = rule(p, grads[name], bufs, t, lr)
-            new_params[name] = new_p
-            for buf, value in new_bufs.items():
-                new_state[buf][name] = value
+        new_params, buffers = self._apply(
+            params, grads, state, t == 0, self._scalars(t, lr), inplace=fast
+        )
+        new_state.update(buffers)
         return new_params, new_state
 
-    def _update_one(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _scalars(self, t: int, lr: float) -> dict[str, float]:
+        """The update's step-dependent numbers, computed on the host in float64.
+
+        Kept apart from the array arithmetic so that a compiled update (``jax.jit``)
+        can take them as arguments and see the same values as the eager one.
+        """
+        return {"lr": lr}
+
+    def _apply(
+        self,
+        params: Mapping[str, Any],
+        grads: Mapping[str, Any],
+        state: Mapping[str, Any],
+        first: bool,
+        scalars: Mapping[str, Any],
+        *,
+        inplace: bool = False,
+    ) -> tuple[Params, dict[str, dict[str, Any]]]:
+        """The array part of :meth:`update`: new parameters and buffers."""
+        rule = self._rule_inplace if inplace else self._rule
+        new_params: Params = {}
+        buffers: dict[str, dict[str, Any]] = {buf: {} for buf in self.buffers}
+        for name, p in params.items():
+            bufs = {buf: state[buf][name] for buf in self.buffers}
+            new_p, new_bufs = rule(p, grads[name], bufs, first, scalars)
+            new_params[name] = new_p
+            for buf, value in new_bufs.items():
+                buffers[buf][name] = value
+        return new_params, buffers
+
+    def _rule(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
-    def _update_inplace(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _rule_inplace(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
-        return self._update_one(p, g, bufs, t, lr)
+        return self._rule(p, g, bufs, first, s)
 
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description (``lr`` as a schedule's config if scheduled)."""
@@ -330,14 +354,15 @@ class SGD(Optimizer):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening == 0")
         self.buffers = ("momentum",) if self.momentum else ()
 
-    def _update_one(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _rule(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
+        lr = s["lr"]
         if self.weight_decay:
             g = g + self.weight_decay * p
         if not self.momentum:
             return p - lr * g, {}
-        if t == 0:
+        if first:
             buf = g
         elif self.dampening:
             buf = self.momentum * bufs["momentum"] + (1 - self.dampening) * g
@@ -346,16 +371,17 @@ class SGD(Optimizer):
         d = g + self.momentum * buf if self.nesterov else buf
         return p - lr * d, {"momentum": buf}
 
-    def _update_inplace(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _rule_inplace(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
+        lr = s["lr"]
         if self.weight_decay:
             g = g + self.weight_decay * p
         if not self.momentum:
             p -= lr * g
             return p, {}
         buf = bufs["momentum"]
-        if t == 0:
+        if first:
             buf[...] = g
         else:
             buf *= self.momentum
@@ -430,34 +456,37 @@ class Adam(Optimizer):
         self.eps = _check_lr(eps, "eps")
         self.weight_decay = _check_lr(weight_decay, "weight_decay")
 
-    def _coefficients(self, t: int, lr: float) -> tuple[float, float]:
+    def _scalars(self, t: int, lr: float) -> dict[str, float]:
         b1, b2 = self.betas
         n = t + 1
-        return lr / (1 - b1**n), math.sqrt(1 - b2**n)
+        return {
+            "decay": 1 - lr * self.weight_decay,
+            "step_size": lr / (1 - b1**n),
+            "bc2_sqrt": math.sqrt(1 - b2**n),
+        }
 
-    def _update_one(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _rule(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
         b1, b2 = self.betas
         if self.weight_decay:
             if self._decoupled:
-                p = p * (1 - lr * self.weight_decay)
+                p = p * s["decay"]
             else:
                 g = g + self.weight_decay * p
         # m + (1-b1)(g-m) is torch's lerp, kept for bit-level agreement.
         m = bufs["m"] + (1 - b1) * (g - bufs["m"])
         v = bufs["v"] * b2 + (1 - b2) * (g * g)
-        step_size, bc2_sqrt = self._coefficients(t, lr)
-        denom = get_namespace(v).sqrt(v) / bc2_sqrt + self.eps
-        return p - step_size * (m / denom), {"m": m, "v": v}
+        denom = get_namespace(v).sqrt(v) / s["bc2_sqrt"] + self.eps
+        return p - s["step_size"] * (m / denom), {"m": m, "v": v}
 
-    def _update_inplace(
-        self, p: Any, g: Any, bufs: dict[str, Any], t: int, lr: float
+    def _rule_inplace(
+        self, p: Any, g: Any, bufs: dict[str, Any], first: bool, s: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
         b1, b2 = self.betas
         if self.weight_decay:
             if self._decoupled:
-                p *= 1 - lr * self.weight_decay
+                p *= s["decay"]
             else:
                 g = g + self.weight_decay * p
         m, v = bufs["m"], bufs["v"]
@@ -466,9 +495,9 @@ class Adam(Optimizer):
         m += delta
         v *= b2
         v += (1 - b2) * (g * g)
-        step_size, bc2_sqrt = self._coefficients(t, lr)
+        step_size = s["step_size"]
         denom = get_namespace(v).sqrt(v)
-        denom /= bc2_sqrt
+        denom /= s["bc2_sqrt"]
         denom += self.eps
         ratio = m / denom
         ratio *= step_size

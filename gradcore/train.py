@@ -239,6 +239,84 @@ def _persist(b: Backend, tree: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(keys, values, strict=True))
 
 
+_JIT_LAYERS = (
+    _nn.Linear,
+    _nn.ReLU,
+    _nn.LeakyReLU,
+    _nn.Sigmoid,
+    _nn.Tanh,
+    _nn.GELU,
+)
+
+
+def _jittable(model: _nn.Module, loss: Any, opt: _optim.Optimizer | None) -> bool:
+    """Whether every piece of a training step is gradcore's own (so traceable)."""
+    if not isinstance(loss, str):
+        return False
+    if opt is not None and type(opt) not in (_optim.SGD, _optim.Adam, _optim.AdamW):
+        return False
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if type(m) in (_nn.Sequential, _nn.MLP):
+            stack.extend(m.layers)  # type: ignore[attr-defined]
+        elif type(m) not in _JIT_LAYERS:
+            return False
+    return True
+
+
+def _jax_step(
+    model: _nn.Module,
+    loss_fn: LossFn,
+    loss_options: Mapping[str, Any],
+    opt: _optim.Optimizer,
+    classification: bool,
+    label_dtype: Any,
+) -> Callable[..., tuple[Any, Any, Any, Any]]:
+    """One training step compiled with ``jax.jit``, used where the backend is JAX.
+
+    Eager JAX compiles and dispatches every array operation on its own: a step of
+    the spirals MLP is a few hundred of them, each compiled once per shape (seconds
+    in the first epoch) and dispatched from Python at every step. Compiled as one
+    program, the step runs the same operations on the same values (the optimizer's
+    step-dependent numbers are still computed on the host and passed in).
+    """
+    import jax
+
+    xp = model.backend.xp
+
+    def step(params: Any, buffers: Any, scalars: Any, xb: Any, yb: Any, first: bool) -> Any:
+        model._assign(params)
+        out = model._forward(xb, True, xp)
+        hits = (
+            xp.sum(xp.astype(xp.argmax(out, axis=-1) == yb, label_dtype))
+            if classification
+            else None
+        )
+        value, grad = loss_fn(out, yb, xp=xp, **loss_options)
+        model._backward(grad, xp, False)
+        grads = model._collect_grads()
+        new_params, new_buffers = opt._apply(params, grads, buffers, first, scalars)
+        return new_params, new_buffers, value, hits, grads
+
+    compiled = jax.jit(step, static_argnames=("first",))
+
+    def run(params: Any, state: Any, xb: Any, yb: Any) -> tuple[Any, Any, Any, Any]:
+        t = int(state["step"])
+        buffers = {buf: state[buf] for buf in opt.buffers}
+        try:
+            new_params, new_buffers, value, hits, grads = compiled(
+                params, buffers, opt._scalars(t, opt.lr_at(t)), xb, yb, first=t == 0
+            )
+        finally:
+            model._assign(params)  # never leave tracers in the model
+        model._assign(new_params)
+        model._set_grads(grads)
+        return new_params, {"step": t + 1, **new_buffers}, value, hits
+
+    return run
+
+
 # --- training ------------------------------------------------------------------------------
 
 
@@ -259,20 +337,59 @@ def evaluate(
     """
     loss_fn, classification = _loss_fn(loss)
     X, y = _prepare(X, y, classification=classification, model=model, name="evaluation data")
-    xp = model.backend.xp
+    return _evaluate(model, X, y, _batch_metrics(model, loss, loss_fn, classification), batch_size)
+
+
+def _batch_metrics(
+    model: _nn.Module, loss: Any, loss_fn: LossFn, classification: bool
+) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``(xb, yb) -> (loss, correct predictions or None)``, compiled on JAX."""
+    b = model.backend
+    xp = b.xp
+    label_dtype = _label_dtype(b)
+
+    def metrics(params: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
+        model._assign(params)
+        out = model._forward(xb, False, xp)
+        value, _ = loss_fn(out, yb, xp=xp)
+        hits = None
+        if classification:
+            hits = xp.sum(xp.astype(xp.argmax(out, axis=-1) == yb, label_dtype))
+        return value, hits
+
+    if b.name != "jax" or not _jittable(model, loss, None):
+        return lambda xb, yb: metrics(model.state_dict(), xb, yb)
+    import jax
+
+    compiled = jax.jit(metrics)
+
+    def run(xb: Any, yb: Any) -> tuple[Any, Any]:
+        params = model.state_dict()
+        try:
+            return compiled(params, xb, yb)
+        finally:
+            model._assign(params)  # never leave tracers in the model
+
+    return run
+
+
+def _evaluate(
+    model: _nn.Module,
+    X: Any,
+    y: Any,
+    metrics: Callable[[Any, Any], tuple[Any, Any]],
+    batch_size: int,
+) -> dict[str, float | None]:
     n = int(X.shape[0])
     total = 0.0
     correct = 0
     for i in range(0, n, batch_size):
         stop = min(i + batch_size, n)
-        xb, yb = X[i:stop, ...], y[i:stop, ...]
-        out = model.predict(xb)
-        value, _ = loss_fn(out, yb, xp=xp)
-        total += float(to_numpy(value)) * int(xb.shape[0])
-        if classification:
-            hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(model.backend))
-            correct += int(to_numpy(xp.sum(hits)))
-    return {"loss": total / n, "accuracy": correct / n if classification else None}
+        value, hits = metrics(X[i:stop, ...], y[i:stop, ...])
+        total += float(to_numpy(value)) * (stop - i)
+        if hits is not None:
+            correct += int(to_numpy(hits))
+    return {"loss": total / n, "accuracy": correct / n if hits is not None else None}
 
 
 def fit(
@@ -369,6 +486,7 @@ def fit(
             name="validation data",
         )
         _check_outputs(model, X_val, y_val, classification, "validation data")
+        val_metrics = _batch_metrics(model, loss, loss_fn, classification)
 
     params = model.state_dict()
     if optimizer_state is None:
@@ -389,6 +507,9 @@ def fit(
             # The logits are needed by nothing after the loss: let the loss write its
             # gradient over them instead of allocating another array.
             loss_options["inplace"] = True
+    jit_step = None
+    if b.name == "jax" and _jittable(model, loss, opt):
+        jit_step = _jax_step(model, loss_fn, loss_options, opt, classification, _label_dtype(b))
     n = int(X.shape[0])
     steps = math.ceil(n / batch_size)
     rng = np.random.default_rng(seed)
@@ -410,16 +531,22 @@ def fit(
                 idx = perm[s * batch_size : min((s + 1) * batch_size, n)]
                 xb = xp.take(X, idx, axis=0)
                 yb = xp.take(y, idx, axis=0)
-                out = model._forward(xb, True, xp)
-                if classification:
-                    hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
-                    correct.append(xp.sum(hits))
-                value, grad = loss_fn(out, yb, xp=xp, **loss_options)
-                model._backward(grad, xp, False)  # the data needs no gradient
-                params, state = opt.update(params, model._collect_grads(), state, inplace=inplace)
-                if b.name == "dask":
-                    params = _persist(b, params)
-                model._assign(params)
+                if jit_step is not None:
+                    params, state, value, hit_count = jit_step(params, state, xb, yb)
+                    if classification:
+                        correct.append(hit_count)
+                else:
+                    out = model._forward(xb, True, xp)
+                    if classification:
+                        hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
+                        correct.append(xp.sum(hits))
+                    value, grad = loss_fn(out, yb, xp=xp, **loss_options)
+                    model._backward(grad, xp, False)  # the data needs no gradient
+                    grads = model._collect_grads()
+                    params, state = opt.update(params, grads, state, inplace=inplace)
+                    if b.name == "dask":
+                        params = _persist(b, params)
+                    model._assign(params)
                 pending.append(value)
                 sizes.append(int(xb.shape[0]))
                 global_step += 1
@@ -444,7 +571,7 @@ def fit(
             history.epoch_time.append(elapsed)
             history.samples_per_s.append(n / elapsed if elapsed > 0 else math.inf)
             if validation is not None:
-                metrics = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 1024))
+                metrics = _evaluate(model, X_val, y_val, val_metrics, max(batch_size, 1024))
                 history.val_loss.append(metrics["loss"])
                 history.val_accuracy.append(metrics["accuracy"])
             else:

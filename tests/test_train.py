@@ -541,3 +541,82 @@ def test_history_repr_is_short():
     h.val_loss, h.val_accuracy = [None, 0.7], [None, 0.75]
     assert repr(h) == "History(epochs=2, loss=0.5, accuracy=0.8, val_loss=0.7, val_accuracy=0.75)"
     assert repr(History()) == "History(epochs=0)"
+
+
+# --- JAX: one compiled program per step ----------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_jax_training_compiles_a_few_programs_not_one_per_operation(opt):
+    jax = pytest.importorskip("jax")
+    import logging
+
+    compiled = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Finished jaxpr to MLIR"):
+                compiled.append(record)
+
+    # Shapes used nowhere else, so eager JAX would have to compile every operation.
+    X, y = data.spirals(87, classes=5, noise=0.2, seed=3)
+    model = nn.MLP([2, 11, 13, 5], seed=1, backend="jax")
+    optimizer = optim.SGD(0.1, momentum=0.9) if opt == "sgd" else optim.AdamW(0.01)
+    logger = logging.getLogger("jax")
+    handler, level = Count(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles():
+            fit(
+                model,
+                X,
+                y,
+                loss="cross_entropy",
+                optimizer=optimizer,
+                epochs=2,
+                batch_size=19,
+                validation=(X[:29], y[:29]),
+                progress=False,
+            )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    # Eager: about 260 (every operation, once per shape). Compiled: the step for full
+    # and last batches (SGD: and the first step), validation, and small data moves.
+    assert len(compiled) <= 80, len(compiled)
+
+
+def test_jax_compiled_training_follows_numpy_and_leaves_no_tracers():
+    jax = pytest.importorskip("jax")
+    X, y = _spirals(70, seed=4)
+    runs = {}
+    for name in ("numpy", "jax"):
+        model = nn.MLP([2, 6, 3], activation="gelu", seed=5, dtype="float32", backend=name)
+        h = fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer=optim.Adam(0.02),
+            epochs=3,
+            batch_size=16,
+            validation=(X, y),
+            progress=False,
+        )
+        runs[name] = (h, model)
+    (h_np, m_np), (h_jax, m_jax) = runs["numpy"], runs["jax"]
+    np.testing.assert_allclose(h_jax.step_loss, h_np.step_loss, rtol=2e-5)
+    assert h_jax.accuracy == h_np.accuracy
+    for k, v in m_np.state_dict().items():
+        p = m_jax.state_dict()[k]
+        assert isinstance(p, jax.Array)
+        assert not isinstance(p, jax.core.Tracer)
+        np.testing.assert_allclose(np.asarray(p), v, rtol=1e-4, atol=1e-6)
+    grads = m_jax.grads()
+    assert sorted(grads) == sorted(m_np.grads())
+    for k, g in grads.items():
+        np.testing.assert_allclose(np.asarray(g), m_np.grads()[k], rtol=1e-3, atol=1e-6)
+    # the model still predicts eagerly after training
+    out = m_jax.predict(X[:4])
+    np.testing.assert_allclose(np.asarray(out), m_np.predict(X[:4]), rtol=1e-4, atol=1e-5)
