@@ -422,12 +422,13 @@ def mean_jacobian(values: Any, /, *, xp: Any = None) -> Any:
     Returns
     -------
     array, shape (N,)
-        The row vector :math:`\partial J/\partial J_0 = (1/N, \dots, 1/N)`.
+        The row vector :math:`\partial J/\partial J_0 = (1/N, \dots, 1/N)`, in the
+        values' dtype (float64, or the widest float the library has, for integers).
     """
     xp = get_namespace(values, xp=xp)
     n = _size(tuple(values.shape))
-    dtype = values.dtype if is_floating(xp, values) else xp.float64
-    return xp.full((n,), 1.0 / n, dtype=dtype, device=_device(values))
+    dtype = values.dtype if is_floating(xp, values) else _widest_float(xp, values)
+    return xp.full((n,), 1.0 / max(n, 1), dtype=dtype, device=_device(values))
 
 
 def squared_error_jacobian(pred: Any, target: Any, /, *, xp: Any = None) -> Any:
@@ -643,12 +644,17 @@ def cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None) -> Any
     -------
     array, shape (N, N*K) or (K,)
         Row ``i`` holds :math:`-y^{(i)}/\hat y^{(i)}` in the columns of sample ``i`` and
-        zeros elsewhere; for one sample it is the row vector :math:`-y/\hat y`.
+        zeros elsewhere; for one sample it is the row vector :math:`-y/\hat y`. Where
+        :math:`y_k = 0` the entry is 0 even if :math:`\hat y_k = 0` (a masked class):
+        the term :math:`0 \log \hat y_k` is 0 for every :math:`\hat y_k`.
     """
     xp = get_namespace(probs, target, xp=xp)
     _same_shape(probs, target, "probs", "target")
     check_floating(xp, probs, "probs")
-    d = -xp.astype(target, probs.dtype) / probs
+    t = xp.astype(target, probs.dtype)
+    zero = xp.zeros_like(probs)
+    # Divide by 1 where the target is 0, so that 0/0 neither appears nor warns.
+    d = xp.where(t == 0, zero, -t / xp.where(t == 0, xp.ones_like(probs), probs))
     if probs.ndim == 1:
         return d
     rows = _rows(xp, d, "probs")

@@ -237,6 +237,32 @@ def test_empty_input_gives_empty_jacobian(backend: Any, xp: Any) -> None:
     assert tuple(j.shape) == (2, 0)
 
 
+def test_mean_jacobian_of_no_values_and_of_integer_values(backend: Any, xp: Any) -> None:
+    j = mean_jacobian(backend.asarray(np.zeros((0,))))
+    assert tuple(j.shape) == (0,)
+    j = mean_jacobian(backend.asarray(np.arange(4)))
+    assert_close(j, np.full(4, 0.25), xp=xp)
+
+
+def test_masked_class_chain_equals_the_kernel(backend: Any, xp: Any) -> None:
+    # A class with a -inf logit has probability 0 and (one-hot) target 0: its entry of
+    # -y/ŷ is 0 (0 log 0 = 0), so the chain stays finite and matches the fused kernel.
+    L_np = np.array([[0.3, -np.inf, 1.2], [-0.5, 0.7, 0.1]])
+    labels = np.array([2, 0])
+    P_np = np.exp(L_np - L_np.max(axis=1, keepdims=True))
+    P_np /= P_np.sum(axis=1, keepdims=True)
+    Y_np = np.eye(3)[labels]
+    P, Y = backend.asarray(P_np), backend.asarray(Y_np)
+    dJ0_dP = cross_entropy_jacobian(P, Y)
+    assert_close(dJ0_dP[0, 1], np.asarray(0.0), xp=xp)
+    dJ_dL = xp.reshape(
+        chain(mean_jacobian(backend.asarray(np.zeros(2))), dJ0_dP, softmax_jacobian(P)), (2, 3)
+    )
+    assert_close(dJ_dL, -(Y_np - P_np) / 2, xp=xp, rtol=1e-12, atol=1e-15)
+    _, grad = gc.softmax_cross_entropy(backend.asarray(L_np), backend.asarray(labels))
+    assert_close(grad, dJ_dL, rtol=1e-12, atol=1e-15)
+
+
 def test_argument_errors(backend: Any, xp: Any) -> None:
     x = backend.asarray(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="shaped like x"):
