@@ -197,12 +197,16 @@ def assert_close(
 
 
 def _as_float64(a: Any) -> Any:
+    """``a`` in float64, or in the widest float its library has (JAX without x64)."""
     if not array_api_compat.is_array_api_obj(a):
         return a
     ns = array_api_compat.array_namespace(a)
-    if ns.isdtype(a.dtype, "real floating") and a.dtype != ns.float64:
-        return ns.astype(a, ns.float64)
-    return a
+    if not ns.isdtype(a.dtype, "real floating"):
+        return a
+    from .jacobian import _widest_float
+
+    widest = _widest_float(ns, a)
+    return a if a.dtype == widest else ns.astype(a, widest)
 
 
 def check_vjp(
@@ -210,8 +214,8 @@ def check_vjp(
     f_vjp: Callable[..., Any],
     *args: Any,
     argnum: int = 0,
-    eps: float = 1e-6,
-    rtol: float = 1e-6,
+    eps: float | None = None,
+    rtol: float | None = None,
     atol: float = 1e-9,
     seed: int = 0,
 ) -> None:
@@ -233,10 +237,31 @@ def check_vjp(
         The point; ``args[argnum]`` is perturbed. Arrays of any library; floating
         arrays are cast to float64 in their own library first, so that the finite
         differences are meaningful whatever the input dtype.
+    argnum : int
+        Which argument to perturb.
+    eps : float, optional
+        The step :math:`\epsilon`; default 1e-6 in float64. A library without float64
+        (JAX without ``jax_enable_x64``) works in float32, where the default step is the
+        cube root of float32's machine epsilon (about 5e-3).
+    rtol, atol : float
+        Tolerances on the two inner products; ``rtol`` defaults to 1e-6 in float64 and
+        1e-3 in float32 (which only catches gross errors).
+    seed : int
+        Seed of the random directions.
+
+    Raises
+    ------
+    AssertionError
+        When the two inner products differ, with both values.
     """
     args = tuple(_as_float64(a) for a in args)
     xp = array_api_compat.array_namespace(args[argnum])
     x = args[argnum]
+    double = x.dtype == xp.float64
+    if eps is None:
+        eps = 1e-6 if double else float(np.cbrt(xp.finfo(x.dtype).eps))
+    if rtol is None:
+        rtol = 1e-6 if double else 1e-3
     rng = np.random.default_rng(seed)
     y = f(*args)
     u_np = rng.standard_normal(tuple(x.shape))

@@ -302,6 +302,38 @@ def test_check_vjp_elementwise(backend, xp):
         check_vjp(f, wrong, x)
 
 
+def test_check_vjp_on_jax_without_float64():
+    # Without jax_enable_x64 the differences can only be taken in float32: a step of
+    # 1e-6 there is mostly rounding noise and failed right VJPs. The check must pass a
+    # right VJP, catch a wrong one, and not warn about float64 being unavailable.
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+import numpy as np
+import jax.numpy as jnp
+import gradcore as gc
+from gradcore.testing import check_vjp
+warnings.simplefilter("error")
+x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 10)), dtype=jnp.float32)
+right = lambda g, x: gc.sigmoid_vjp(g, gc.sigmoid(x))
+for seed in range(3):
+    check_vjp(gc.sigmoid, right, x, seed=seed)
+try:
+    check_vjp(gc.sigmoid, lambda g, x: 1.05 * right(g, x), x)
+except AssertionError:
+    print("caught")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "caught"
+
+
 def test_check_vjp_catches_a_transposed_jacobian(backend, xp):
     rng = np.random.default_rng(1)
     A_np = rng.standard_normal((4, 3))
