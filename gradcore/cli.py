@@ -194,7 +194,28 @@ def _train(args: argparse.Namespace) -> int:
     if not 0 < args.test_size < 1:
         raise _UsageError(f"--test-size must lie strictly between 0 and 1, got {args.test_size}")
 
+    for option, value in (("--save", args.save), ("--plot", args.plot), ("--json", args.json)):
+        # Found out before training, not after it.
+        if value and not Path(value).resolve().parent.is_dir():
+            raise _UsageError(f"{option}: the directory of {value!r} does not exist")
     checkpoint = load(args.resume) if args.resume else None
+    if checkpoint is not None:
+        saved_kind = checkpoint.meta.get("model_kind")
+        if args.model and saved_kind and args.model != saved_kind:
+            raise _UsageError(
+                f"--model {args.model}, but the checkpoint holds a {saved_kind} model "
+                "(--resume continues the saved model; leave out --model)"
+            )
+        args.optimizer = args.optimizer or checkpoint.meta.get("optimizer")
+    if args.model == "linear" and args.dataset not in _DATASETS and classification:
+        # Whole-number targets in a file may be quantities, not classes: least squares
+        # was asked for.
+        classification = False
+    if classification and int(y.max()) + 1 > max(1000, X.shape[0]):
+        raise ValueError(
+            f"{dataset}: y holds whole numbers up to {int(y.max())}, too many classes for "
+            f"{X.shape[0]} samples; for regression on them use --model linear"
+        )
     kind = args.model or (
         (checkpoint.meta.get("model_kind") if checkpoint else None)
         or ("mlp" if classification else "linear")
@@ -244,10 +265,18 @@ def _train(args: argparse.Namespace) -> int:
     steps = epochs * -(-X_train.shape[0] // args.batch_size)
     lr = args.lr or _DEFAULT_LR[args.optimizer]
     schedule: Any = lr
+    # A resumed run's optimizer has made some updates: the schedule starts there.
+    first_step = (
+        int(checkpoint.optimizer_state.get("step", 0))
+        if checkpoint and checkpoint.optimizer_state
+        else 0
+    )
     if args.schedule == "step":
-        schedule = optim.step(lr, step_size=max(1, steps // 3), gamma=0.1)
+        schedule = optim.Schedule(
+            "step", lr, step_size=max(1, steps // 3), gamma=0.1, start=first_step
+        )
     elif args.schedule == "cosine":
-        schedule = optim.cosine(lr, total_steps=steps)
+        schedule = optim.Schedule("cosine", lr, total_steps=steps, start=first_step)
     kwargs: dict[str, Any] = {}
     if args.weight_decay is not None:
         kwargs["weight_decay"] = args.weight_decay
@@ -314,7 +343,12 @@ def _train(args: argparse.Namespace) -> int:
             args.save,
             model,
             history.optimizer_state,
-            meta={"epochs_done": epochs_done + epochs, "dataset": dataset, "model_kind": kind},
+            meta={
+                "epochs_done": epochs_done + epochs,
+                "dataset": dataset,
+                "model_kind": kind,
+                "optimizer": args.optimizer,
+            },
         )
         if not args.quiet:
             print(f"saved checkpoint to {path}")

@@ -73,6 +73,10 @@ class Schedule:
         ("cosine") Updates over which the rate falls from ``lr`` to ``min_lr``.
     min_lr : float
         ("cosine") The final rate, kept after ``total_steps``.
+    start : int
+        The update count at which the schedule begins (its ``t = 0``); before it the
+        rate is the initial one. Continuing a run from a checkpoint whose optimizer
+        made ``k`` updates, ``start=k`` runs the schedule afresh.
     """
 
     kind: str
@@ -81,8 +85,10 @@ class Schedule:
     gamma: float = 0.1
     total_steps: int = 1
     min_lr: float = 0.0
+    start: int = 0
 
     def __call__(self, t: int) -> float:
+        t = max(t - self.start, 0)
         if self.kind == "constant":
             return self.lr
         if self.kind == "step":
@@ -104,6 +110,7 @@ class Schedule:
             "gamma": self.gamma,
             "total_steps": self.total_steps,
             "min_lr": self.min_lr,
+            "start": self.start,
         }
 
 

@@ -220,3 +220,66 @@ def test_bench_runs_the_training_benchmark(capsys):
     assert cli.main(["bench", "--case", "digits", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\| digits \| 64-128-10 \| 64 \| 1797 \|", out, flags=re.MULTILINE), out
+
+
+# --- resuming, output paths, whole-number regression targets --------------------------------
+
+
+def test_resume_keeps_the_saved_optimizer_and_refuses_another_model(tmp_path, capsys):
+    ckpt = tmp_path / "sgd.npz"
+    common = ["train", "--hidden", "8", "--epochs", "1", "--quiet"]
+    assert cli.main([*common, "--optimizer", "sgd", "--save", str(ckpt)]) == 0
+    capsys.readouterr()
+    # Without --optimizer the run continues with SGD (it used to build Adam and fail on
+    # the saved momentum buffers).
+    assert cli.main(["train", "--resume", str(ckpt), "--epochs", "1"]) == 0
+    assert " sgd lr=0.1" in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(ckpt), "--model", "softmax", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint holds a mlp model" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resumed_cosine_schedule_starts_afresh(tmp_path, capsys):
+    ckpt = tmp_path / "c.npz"
+    metrics = tmp_path / "m.json"
+    base = ["train", "--epochs", "1", "--quiet", "--schedule", "cosine"]
+    assert cli.main([*base, "--hidden", "8", "--save", str(ckpt)]) == 0
+    assert cli.main([*base, "--resume", str(ckpt), "--json", str(metrics)]) == 0
+    capsys.readouterr()
+    lr = json.loads(metrics.read_text())["optimizer"]["lr"]
+    steps = lr["total_steps"]  # one epoch of 675 samples in batches of 32
+    assert steps == 22
+    from gradcore import optim
+
+    schedule = optim.Schedule(**lr)
+    # the resumed optimizer's updates are numbered from 22 on: they must not all get
+    # the final rate 0 of the first run's schedule
+    assert schedule(22) == 0.01
+    assert schedule(33) == pytest.approx(0.005)
+    assert schedule(44) == 0.0
+
+
+@pytest.mark.parametrize("option", ["--save", "--plot", "--json"])
+def test_unwritable_output_is_refused_before_training(tmp_path, capsys, option):
+    target = tmp_path / "missing" / "out"
+    assert cli.main(["train", "--epochs", "1", option, str(target)]) == 2
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.out  # nothing trained
+    assert "does not exist" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_whole_number_targets_can_be_regressed(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 2))
+    y = np.round(1000 * X[:, 0] + 5000)  # prices in whole units, not classes
+    path = tmp_path / "prices.npz"
+    np.savez(path, X=X, y=y)
+    assert cli.main(["train", "--dataset", str(path), "--epochs", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "too many classes" in err
+    assert "--model linear" in err
+    args = ["train", "--dataset", str(path), "--model", "linear", "--quiet"]
+    assert cli.main([*args, "--epochs", "30", "--lr", "0.05"]) == 0
+    assert "test mse" in capsys.readouterr().out

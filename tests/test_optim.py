@@ -227,3 +227,15 @@ def test_optimizer_unpacks_into_init_and_update():
     new, state = update(params, grads[0], init(params))
     np.testing.assert_allclose(new["b"], params["b"] - 0.5 * grads[0]["b"], rtol=1e-15)
     assert state == {"step": 1}
+
+
+def test_schedule_start_shifts_the_count():
+    # A schedule that begins at update 10 gives updates 10, 15, 20 the rates a fresh
+    # one gives updates 0, 5, 10 (closed forms, not the code under test).
+    s = optim.Schedule("cosine", 0.2, total_steps=10, start=10)
+    assert s(3) == 0.2  # before its start: the initial rate
+    assert s(10) == 0.2
+    assert s(15) == pytest.approx(0.1)
+    assert s(20) == 0.0
+    st = optim.Schedule("step", 1.0, step_size=2, gamma=0.5, start=4)
+    assert [st(t) for t in (4, 5, 6, 8)] == [1.0, 1.0, 0.5, 0.25]
