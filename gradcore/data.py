@@ -229,6 +229,8 @@ def load(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
             # A non-zip file makes NumPy try (and refuse) to unpickle it: ValueError.
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "pickle" in first:
+                first = "not an .npz archive"  # NumPy's advice to unpickle it misleads
             raise ValueError(f"{p.name}: not a readable .npz file ({first})") from None
         missing = [k for k in ("X", "y") if k not in arrays]
         if missing:

@@ -187,3 +187,12 @@ def test_standardize():
     np.testing.assert_allclose(Xn, (X_new - mean) / std, rtol=1e-15)
     with pytest.raises(ValueError, match="both"):
         data.standardize(X, mean=mean)
+
+
+def test_a_file_that_is_no_archive_is_named_so(tmp_path):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"definitely not a zip archive")
+    with pytest.raises(ValueError, match=r"junk\.npz: not a readable \.npz file") as info:
+        data.load(path)
+    assert "not an .npz archive" in str(info.value)
+    assert "pickle" not in str(info.value)
