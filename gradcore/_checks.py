@@ -6,6 +6,7 @@ the generic and native paths of one kernel.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import array_api_compat
@@ -20,6 +21,19 @@ def check_array(x: Any, name: str) -> None:
     """Raise ``TypeError`` naming ``name`` unless ``x`` is an array (not a Python scalar)."""
     if not array_api_compat.is_array_api_obj(x):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+
+
+def as_int(value: Any, name: str) -> int:
+    """``value`` as a Python int (NumPy integers too); ``TypeError`` naming ``name`` else.
+
+    ``bool`` is refused: ``axis=True`` is a mistake, not axis 1.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def check_floating(xp: Any, x: Any, name: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._checks import astype, check_floating, check_same_shape, compute_dtype
+from ._checks import as_int, astype, check_floating, check_same_shape, compute_dtype
 from ._dispatch import dispatchable
 from ._namespace import get_namespace
 
@@ -53,8 +53,7 @@ _GELU_CLIP = 1e4
 
 
 def _check_axis(x: Any, axis: Any, name: str = "x") -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    axis = as_int(axis, "axis")
     ndim = x.ndim
     if ndim == 0:
         raise ValueError(f"{name} must have at least one dimension to take softmax along axis")

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from ._checks import (
+    as_int,
     check_array,
     check_floating,
     check_same_shape,
@@ -213,8 +214,7 @@ def _validate_xent(
     ndim = logits.ndim
     if ndim < 1:
         raise ValueError("logits must have at least one dimension (the class axis)")
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {axis!r}")
+    axis = as_int(axis, "axis")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for logits with {ndim} dimensions")
     axis %= ndim
@@ -225,8 +225,7 @@ def _validate_xent(
             f"{tuple(logits.shape)}"
         )
     reduction = _check_reduction(reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = as_int(ignore_index, "ignore_index")
     if not -(2**63) <= ignore_index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     try:

@@ -437,3 +437,14 @@ def test_public_names():
         assert name in gradcore.activations.__all__
         assert name + "_vjp" in gradcore.activations.__all__
         assert getattr(gradcore, name) is getattr(gradcore.activations, name)
+
+
+def test_numpy_integer_axis_is_accepted():
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    for name in ("softmax", "log_softmax"):
+        y = getattr(gradcore, name)(x, axis=np.int64(0))
+        ref = F.softmax if name == "softmax" else F.log_softmax
+        want = ref(torch.tensor(x), dim=0).numpy()
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-15)
+        g = getattr(gradcore, name + "_vjp")(np.ones_like(x), y, axis=np.int64(0))
+        assert g.shape == x.shape

@@ -682,3 +682,21 @@ def test_all_ignored_mean_is_nan_without_a_warning(backend):
                 loss, grad = kernel(empty, empty)
                 assert np.isnan(backend.to_numpy(loss))
                 assert tuple(grad.shape) == (0, 3)
+
+
+def test_numpy_integers_as_axis_and_ignore_index():
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((3, 4))
+    labels = np.array([1, 2, 0])
+    want_loss, want_grad = _torch_xent(x.T, labels, axis=0, ignore_index=2)
+    for fast in (True, False):
+        with gradcore.use_fast_paths(fast):
+            loss, grad = gradcore.softmax_cross_entropy(
+                x.T.copy(), labels, axis=np.int64(0), ignore_index=np.int32(2)
+            )
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        gradcore.softmax_cross_entropy(x, labels, axis=True)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        gradcore.softmax_cross_entropy(x, labels, ignore_index=1.0)
