@@ -344,6 +344,8 @@ def _xent(
     else:
         target_kind = kind
         name = _dtype_name(labels.dtype)
+        if name == "uint64":
+            return NotImplemented  # past 2**63 it would wrap in int64; the generic compares
         if name not in ("int32", "int64"):
             labels = labels.astype(cupy.int64)
         labels = cupy.ascontiguousarray(labels)

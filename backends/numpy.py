@@ -317,6 +317,8 @@ def _xent_prologue(logits: Any, labels: Any, weight: Any, out: Any) -> bool:
         return False
     if logits.dtype not in _FAST_DTYPES or logits.size == 0:
         return False
+    if labels.dtype == np.uint64:
+        return False  # values past 2**63 would wrap in intp; the generic path compares them
     if weight is not None and not _plain(weight):
         return False
     return out is None or _plain(out)

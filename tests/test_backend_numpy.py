@@ -930,3 +930,15 @@ def test_mse_small_direct_path(small_spy, dtype, reduction, shape) -> None:
     assert type(grad) is np.ndarray
     check_result(result, torch_mse(p, t, reduction=reduction), dtype)
     check_result(result, generic(gradcore.mse, p, t, reduction=reduction), dtype)
+
+
+def test_xent_uint64_labels_past_int64_are_flagged_not_ignored():
+    # 2**64 - 100 would wrap to -100 (the ignore_index) in a signed conversion.
+    x = np.zeros((2, 3))
+    labels = np.array([1, 2**64 - 100], dtype=np.uint64)
+    with pytest.raises(ValueError, match="out of range"):
+        gradcore.softmax_cross_entropy(x, labels)
+    loss, grad = gradcore.softmax_cross_entropy(x, labels, reduction="none", check_labels=False)
+    assert np.isnan(loss[1])
+    assert np.all(np.isnan(grad[1]))
+    np.testing.assert_allclose(loss[0], np.log(3.0), rtol=1e-12)
