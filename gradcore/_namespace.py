@@ -240,8 +240,13 @@ class Backend:
         """The array as a NumPy array on the host (see :func:`gradcore.to_numpy`)."""
         return to_numpy(x)
 
-    def synchronize(self) -> None:
-        """Wait until all work queued on this backend's device has finished."""
+    def synchronize(self, *arrays: Any) -> None:
+        """Wait until the work queued on this backend's device has finished.
+
+        CuPy and PyTorch (CUDA) wait for the device's current stream. JAX has no
+        device-wide barrier: pass the arrays whose computation must be complete and
+        they are blocked on. On CPU-only libraries this returns at once.
+        """
         if self.name == "cupy":
             import cupy
 
@@ -255,6 +260,8 @@ class Backend:
         elif self.name == "jax":
             import jax
 
+            for a in arrays:
+                a.block_until_ready()
             jax.effects_barrier()
 
     def __str__(self) -> str:

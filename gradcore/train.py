@@ -558,7 +558,7 @@ def fit(
                         bar.update(sum(sizes[len(epoch_losses) - len(read) : len(epoch_losses)]))
                         bar.set_postfix(loss=f"{read[-1]:.4g}", refresh=False)
                     pending = []
-            b.synchronize()
+            b.synchronize(*params.values())
             elapsed = time.perf_counter() - start
             history.epoch.append(epoch)
             history.step_loss.extend(epoch_losses)

@@ -426,3 +426,18 @@ def test_synchronize_runs(backend):
     b = backend.xp.sum(a * 2.0)
     assert backend.synchronize() is None
     assert float(backend.to_numpy(b)) == 8.0
+
+
+def test_synchronize_blocks_on_the_given_jax_arrays():
+    pytest.importorskip("jax")
+    b = gradcore.backend("jax")
+    blocked = []
+
+    class Pending:
+        def block_until_ready(self):
+            blocked.append(self)
+            return self
+
+    arrays = [Pending(), Pending()]
+    b.synchronize(*arrays)
+    assert blocked == arrays
