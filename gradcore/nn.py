@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -443,8 +443,24 @@ class _Activation(Module):
             )
         return self._vjp(g, saved, xp)
 
+    #: The kernel pair from :mod:`gradcore.activations` (set by each subclass).
+    _kernel: Callable[..., Any]
+    _kernel_vjp: Callable[..., Any]
+    #: Whether the VJP needs the input (GELU) rather than the output (the others).
+    _saves_input = False
+
+    def _options(self) -> dict[str, Any]:
+        """Keyword options passed to both kernels."""
+        return {}
+
+    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
+        y = type(self)._kernel(x, xp=xp, **self._options())
+        if keep:
+            self._saved = x if self._saves_input else y
+        return y
+
     def _vjp(self, g: Any, saved: Any, xp: Any) -> Any:
-        raise NotImplementedError
+        return type(self)._kernel_vjp(g, saved, xp=xp, **self._options())
 
     def _input(self, x: Any) -> tuple[Any, Any]:
         # Parameter-free layers follow their input's backend.
@@ -462,21 +478,16 @@ class ReLU(_Activation):
     r"""``max(x, 0)``; keeps the output ``y`` for :func:`gradcore.relu_vjp`."""
 
     name = "relu"
-
-    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
-        y = _act.relu(x, xp=xp)
-        if keep:
-            self._saved = y
-        return y
-
-    def _vjp(self, g: Any, y: Any, xp: Any) -> Any:
-        return _act.relu_vjp(g, y, xp=xp)
+    _kernel = staticmethod(_act.relu)
+    _kernel_vjp = staticmethod(_act.relu_vjp)
 
 
 class LeakyReLU(_Activation):
     r"""``x`` where positive, ``negative_slope * x`` elsewhere; keeps the output."""
 
     name = "leaky_relu"
+    _kernel = staticmethod(_act.leaky_relu)
+    _kernel_vjp = staticmethod(_act.leaky_relu_vjp)
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
@@ -485,14 +496,8 @@ class LeakyReLU(_Activation):
             raise ValueError(f"negative_slope must be positive, got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
 
-    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
-        y = _act.leaky_relu(x, negative_slope=self.negative_slope, xp=xp)
-        if keep:
-            self._saved = y
-        return y
-
-    def _vjp(self, g: Any, y: Any, xp: Any) -> Any:
-        return _act.leaky_relu_vjp(g, y, negative_slope=self.negative_slope, xp=xp)
+    def _options(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
 
     def config(self) -> dict[str, Any]:
         return {"type": "LeakyReLU", "negative_slope": self.negative_slope}
@@ -505,44 +510,25 @@ class Sigmoid(_Activation):
     r"""``1 / (1 + exp(-x))``; keeps the output ``y`` (the derivative is ``y(1-y)``)."""
 
     name = "sigmoid"
-
-    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
-        y = _act.sigmoid(x, xp=xp)
-        if keep:
-            self._saved = y
-        return y
-
-    def _vjp(self, g: Any, y: Any, xp: Any) -> Any:
-        return _act.sigmoid_vjp(g, y, xp=xp)
+    _kernel = staticmethod(_act.sigmoid)
+    _kernel_vjp = staticmethod(_act.sigmoid_vjp)
 
 
 class Tanh(_Activation):
     r"""``tanh(x)``; keeps the output ``y`` (the derivative is ``1 - y**2``)."""
 
     name = "tanh"
-
-    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
-        y = _act.tanh(x, xp=xp)
-        if keep:
-            self._saved = y
-        return y
-
-    def _vjp(self, g: Any, y: Any, xp: Any) -> Any:
-        return _act.tanh_vjp(g, y, xp=xp)
+    _kernel = staticmethod(_act.tanh)
+    _kernel_vjp = staticmethod(_act.tanh_vjp)
 
 
 class GELU(_Activation):
     r"""GELU, tanh approximation; keeps the input ``x`` for :func:`gradcore.gelu_vjp`."""
 
     name = "gelu"
-
-    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
-        if keep:
-            self._saved = x
-        return _act.gelu(x, xp=xp)
-
-    def _vjp(self, g: Any, x: Any, xp: Any) -> Any:
-        return _act.gelu_vjp(g, x, xp=xp)
+    _kernel = staticmethod(_act.gelu)
+    _kernel_vjp = staticmethod(_act.gelu_vjp)
+    _saves_input = True
 
 
 #: Activation names accepted by :class:`MLP` and :func:`activation`.
