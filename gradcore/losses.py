@@ -498,6 +498,55 @@ def _mean(xp: Any, elementwise: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     return xp.sum(elementwise) / float(n)
 
 
+# --- elementwise losses (MSE, BCE): shared checks and reduction ------------------------
+
+
+def _validate_elementwise(
+    xp: Any,
+    x: Any,
+    x_name: str,
+    target: Any,
+    target_name: str,
+    target_kinds: tuple[str, ...],
+    weights: tuple[tuple[Any, str], ...],
+    reduction: Any,
+    out: Any,
+    inplace: Any,
+) -> str:
+    """Checks of a loss applied element by element to ``x`` against ``target``."""
+    check_array(x, x_name)
+    check_array(target, target_name)
+    check_floating(xp, x, x_name)
+    if not xp.isdtype(target.dtype, target_kinds):
+        raise TypeError(f"{target_name} must have a real numeric dtype, got {target.dtype}")
+    check_same_shape(x, target, x_name, target_name)
+    for w, w_name in weights:
+        if w is not None:
+            check_array(w, w_name)
+            check_floating(xp, w, w_name)
+            _check_broadcastable(x, w, w_name, x_name)
+    reduction = _check_reduction(reduction)
+    _check_output(x, x_name, out, inplace)
+    return reduction
+
+
+def _finish_elementwise(
+    xp: Any, elementwise: Any, grad: Any, x: Any, reduction: str, out: Any, inplace: bool
+) -> tuple[Any, Any]:
+    """Reduce an elementwise loss; deliver its gradient in ``x``'s shape and dtype."""
+    shape = tuple(x.shape)
+    elementwise = xp.broadcast_to(elementwise, shape)
+    grad = xp.broadcast_to(grad, shape)
+    if reduction == "mean":
+        loss = _mean(xp, elementwise, shape, elementwise.dtype)
+        grad = grad / float(max(math.prod(shape), 1))
+    elif reduction == "sum":
+        loss = xp.sum(elementwise)
+    else:
+        loss = elementwise
+    return xp.asarray(xp.astype(loss, x.dtype)), _deliver(xp.astype(grad, x.dtype), x, out, inplace)
+
+
 # --- mean squared error -----------------------------------------------------------------
 
 
@@ -505,19 +554,18 @@ def _validate_mse(
     pred: Any, target: Any, *, weight: Any, reduction: Any, out: Any, inplace: Any, xp: Any
 ) -> str:
     """Check the arguments of :func:`mse`; return the reduction."""
-    check_array(pred, "pred")
-    check_array(target, "target")
-    check_floating(xp, pred, "pred")
-    if not xp.isdtype(target.dtype, ("real floating", "integral")):
-        raise TypeError(f"target must have a real numeric dtype, got {target.dtype}")
-    check_same_shape(pred, target, "pred", "target")
-    if weight is not None:
-        check_array(weight, "weight")
-        check_floating(xp, weight, "weight")
-        _check_broadcastable(pred, weight, "weight", "pred")
-    reduction = _check_reduction(reduction)
-    _check_output(pred, "pred", out, inplace)
-    return reduction
+    return _validate_elementwise(
+        xp,
+        pred,
+        "pred",
+        target,
+        "target",
+        ("real floating", "integral"),
+        ((weight, "weight"),),
+        reduction,
+        out,
+        inplace,
+    )
 
 
 @dispatchable
@@ -575,17 +623,7 @@ def mse(
     wdiff = diff if weight is None else xp.astype(weight, cdtype) * diff
     elementwise = wdiff * diff
     grad = 2.0 * wdiff
-    if reduction == "mean":
-        loss = _mean(xp, elementwise, tuple(pred.shape), cdtype)
-        grad = grad / float(max(math.prod(tuple(pred.shape)), 1))
-    elif reduction == "sum":
-        loss = xp.sum(elementwise)
-    else:
-        loss = elementwise
-    grad = xp.broadcast_to(grad, tuple(pred.shape))
-    return xp.asarray(xp.astype(loss, pred.dtype)), _deliver(
-        xp.astype(grad, pred.dtype), pred, out, inplace
-    )
+    return _finish_elementwise(xp, elementwise, grad, pred, reduction, out, inplace)
 
 
 # --- binary cross-entropy with logits ---------------------------------------------------
@@ -603,23 +641,18 @@ def _validate_bce(
     xp: Any,
 ) -> str:
     """Check the arguments of :func:`binary_cross_entropy_with_logits`; return the reduction."""
-    check_array(logits, "logits")
-    check_array(targets, "targets")
-    check_floating(xp, logits, "logits")
-    if not xp.isdtype(targets.dtype, ("real floating", "integral", "bool")):
-        raise TypeError(f"targets must have a real numeric dtype, got {targets.dtype}")
-    check_same_shape(logits, targets, "logits", "targets")
-    if weight is not None:
-        check_array(weight, "weight")
-        check_floating(xp, weight, "weight")
-        _check_broadcastable(logits, weight, "weight", "logits")
-    if pos_weight is not None:
-        check_array(pos_weight, "pos_weight")
-        check_floating(xp, pos_weight, "pos_weight")
-        _check_broadcastable(logits, pos_weight, "pos_weight", "logits")
-    reduction = _check_reduction(reduction)
-    _check_output(logits, "logits", out, inplace)
-    return reduction
+    return _validate_elementwise(
+        xp,
+        logits,
+        "logits",
+        targets,
+        "targets",
+        ("real floating", "integral", "bool"),
+        ((weight, "weight"), (pos_weight, "pos_weight")),
+        reduction,
+        out,
+        inplace,
+    )
 
 
 @dispatchable
@@ -705,15 +738,4 @@ def binary_cross_entropy_with_logits(
         wc = xp.astype(weight, cdtype)
         elementwise = wc * elementwise
         grad = wc * grad
-    elementwise = xp.broadcast_to(elementwise, tuple(x.shape))
-    grad = xp.broadcast_to(grad, tuple(x.shape))
-    if reduction == "mean":
-        loss = _mean(xp, elementwise, tuple(x.shape), cdtype)
-        grad = grad / float(max(math.prod(tuple(x.shape)), 1))
-    elif reduction == "sum":
-        loss = xp.sum(elementwise)
-    else:
-        loss = elementwise
-    return xp.asarray(xp.astype(loss, logits.dtype)), _deliver(
-        xp.astype(grad, logits.dtype), logits, out, inplace
-    )
+    return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace)
