@@ -14,7 +14,7 @@
 # (pure-Python py3-none-any wheels, about 1.4 MiB together; setuptools because the
 # package's SPDX license field needs setuptools >= 77 and the machine's may be older,
 # and --no-build-isolation builds with whatever is importable). Then run this
-# script from the repo root in a single call, carrying .whl, with a limit of about 9
+# script from the repo root on the GPU machine, with .whl/ copied there, allowing about 9
 # minutes; it keeps itself under 8 (pytest <= 330 s, benchmark <= 140 s):
 #
 #   bash benches/gpu_check.sh
