@@ -183,7 +183,16 @@ def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, s
 
 def _train(args: argparse.Namespace) -> int:
     from . import data, nn, optim
+    from . import distributed as _distributed
     from .train import evaluate, fit, load, save
+
+    # Under mpiexec every rank runs this command: data-parallel training (see
+    # gradcore.distributed). A rank's error must end the job, never leave the others
+    # waiting in a collective.
+    comm = _distributed.init()
+    if comm.size > 1 and not getattr(args, "_every_rank", False):
+        args._every_rank = True
+        return int(_distributed.run_or_abort(comm, _train, args))
 
     be = nn.resolve_backend(args.backend, args.device)
     if be.name == "jax" and args.dtype == "float64":
@@ -198,6 +207,11 @@ def _train(args: argparse.Namespace) -> int:
         # Found out before training, not after it.
         if value and not Path(value).resolve().parent.is_dir():
             raise _UsageError(f"{option}: the directory of {value!r} does not exist")
+    if comm.rank != 0:
+        # One report and one set of files for the job: rank 0 prints and writes them.
+        args.save = args.plot = args.json = None
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
     checkpoint = load(args.resume) if args.resume else None
     if checkpoint is not None:
         saved_kind = checkpoint.meta.get("model_kind")
@@ -292,6 +306,12 @@ def _train(args: argparse.Namespace) -> int:
             f"{args.optimizer} lr={lr:g}, batch {args.batch_size}, {epochs} epochs",
             flush=True,
         )
+        if comm.size > 1:
+            print(
+                f"gradcore: data-parallel over {comm.size} ranks: each batch of "
+                f"{args.batch_size} is split among them (the same updates as one process)",
+                flush=True,
+            )
 
     def report(epoch: int, history: Any) -> None:
         if args.quiet:
@@ -322,6 +342,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress and not args.quiet,
         optimizer_state=checkpoint.optimizer_state if checkpoint else None,
         callback=report,
+        comm=comm if comm.size > 1 else None,
     )
     elapsed = time.perf_counter() - start
     test = evaluate(model, X_test, y_test, loss=loss)

@@ -12,6 +12,7 @@ description, so one saved on a GPU loads anywhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from . import losses as _losses
@@ -129,8 +131,41 @@ def _loss_fn(loss: str | LossFn) -> tuple[LossFn, bool]:
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} or a callable")
 
 
+def _loss_kwargs(loss_kwargs: Mapping[str, Any] | None, b: Backend, dtype: str) -> dict[str, Any]:
+    """Options for the loss kernel, with array values (``weight=``) moved to the backend."""
+    if loss_kwargs is None:
+        return {}
+    if not isinstance(loss_kwargs, Mapping):
+        raise TypeError(f"loss_kwargs must be a dict, got {type(loss_kwargs).__name__}")
+    taken = sorted({"reduction", "out", "inplace", "xp"} & set(loss_kwargs))
+    if taken:
+        raise ValueError(
+            f"loss_kwargs may not set {', '.join(taken)}: fit minimises the mean loss and "
+            "manages the gradient's memory itself"
+        )
+    options = dict(loss_kwargs)
+    for key, value in options.items():
+        if isinstance(value, (np.ndarray, list, tuple)) or array_api_compat.is_array_api_obj(value):
+            options[key] = b.asarray(np.asarray(to_numpy(value)), dtype=dtype)
+    return options
+
+
+def _labels_for_checks(y: Any, ignore_index: int | None) -> Any:
+    """The labels with ``ignore_index`` entries replaced by class 0, for range checks."""
+    if ignore_index is None:
+        return y
+    xp = get_namespace(y)
+    return xp.where(y == ignore_index, xp.zeros_like(y), y)
+
+
 def _prepare(
-    X: Any, y: Any, *, classification: bool, model: _nn.Module, name: str
+    X: Any,
+    y: Any,
+    *,
+    classification: bool,
+    model: _nn.Module,
+    name: str,
+    ignore_index: int | None = None,
 ) -> tuple[Any, Any]:
     """Validate ``X, y`` and move them to the model's backend with the right dtypes."""
     b = model.backend
@@ -147,8 +182,9 @@ def _prepare(
                 raise ValueError(
                     f"{name}: cross_entropy needs integer class labels, got fractions in y"
                 )
-            if y_np.min() < 0:
-                raise ValueError(f"{name}: class labels must be >= 0, found {int(y_np.min())}")
+            if _labels_for_checks(y_np, ignore_index).min() < 0:
+                found = int(_labels_for_checks(y_np, ignore_index).min())
+                raise ValueError(f"{name}: class labels must be >= 0, found {found}")
             y_np = y_np.astype(np.int64)
         else:
             y_np = y_np.astype(np.float64)
@@ -189,10 +225,18 @@ def _label_dtype(b: Backend) -> Any:
         return b.xp.int64
 
 
-def _check_outputs(model: _nn.Module, X: Any, y: Any, classification: bool, name: str) -> None:
+def _check_outputs(
+    model: _nn.Module,
+    X: Any,
+    y: Any,
+    classification: bool,
+    name: str,
+    ignore_index: int | None = None,
+) -> None:
     out = model.predict(X[:1, ...])
     width = int(out.shape[-1])
     if classification:
+        y = _labels_for_checks(y, ignore_index)
         yxp = get_namespace(y)
         bottom, top = int(to_numpy(yxp.min(y))), int(to_numpy(yxp.max(y)))
         if bottom < 0:
@@ -409,6 +453,8 @@ def fit(
     callback: Callable[[int, History], None] | None = None,
     inplace: bool = True,
     check_every: int | None = None,
+    loss_kwargs: Mapping[str, Any] | None = None,
+    comm: Any = None,
 ) -> History:
     r"""Train ``model`` on ``X, y`` by minibatch gradient descent; return the history.
 
@@ -451,6 +497,21 @@ def fit(
         Read the loss on the host every this many steps to check it is finite and
         to update the bar; default every step on the CPU, every 50 on a GPU, and at
         the end of each epoch in any case.
+    loss_kwargs : dict, optional
+        Options of the loss kernel, e.g. ``{"weight": class_weights, "ignore_index": -1}``
+        for ``"cross_entropy"`` (labels equal to ``ignore_index`` are then accepted and
+        count in neither loss nor divisor). Array values are moved to the backend.
+    comm : gradcore.distributed.Communicator, optional
+        Train data-parallel over the ranks of ``comm`` (see :mod:`gradcore.distributed`):
+        every rank passes the same ``X, y``, model and options; each computes the
+        gradient of its slice of every global batch of ``batch_size`` rows, one
+        all-reduce per step sums them with the mean's divisor, and every rank applies
+        the update of the global batch's mean loss, the same as one process would.
+        Rank 0's initial parameters are broadcast first; the history (losses,
+        accuracies, validation metrics) is global and the same on every rank; only
+        rank 0 shows progress; ``callback`` runs on every rank. A callable ``loss`` is
+        taken to be a mean over the batch's rows. An exception on one rank aborts the
+        job (a ``NonFiniteLossError``, which every rank raises alike, does not).
 
     Returns
     -------
@@ -472,9 +533,20 @@ def fit(
     b = model.backend
     xp = b.xp
     loss_fn, classification = _loss_fn(loss)
+    user_loss_options = _loss_kwargs(loss_kwargs, b, model.dtype)
+    if user_loss_options:
+        loss_fn = functools.partial(loss_fn, **user_loss_options)
+    ignore_index = user_loss_options.get("ignore_index") if classification else None
     opt = _optim.get(optimizer)
-    X, y = _prepare(X, y, classification=classification, model=model, name="training data")
-    _check_outputs(model, X, y, classification, "training data")
+    X, y = _prepare(
+        X,
+        y,
+        classification=classification,
+        model=model,
+        name="training data",
+        ignore_index=ignore_index,
+    )
+    _check_outputs(model, X, y, classification, "training data", ignore_index)
     if validation is not None:
         if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
             raise ValueError("validation must be a pair (X_val, y_val)")
@@ -484,8 +556,9 @@ def fit(
             classification=classification,
             model=model,
             name="validation data",
+            ignore_index=ignore_index,
         )
-        _check_outputs(model, X_val, y_val, classification, "validation data")
+        _check_outputs(model, X_val, y_val, classification, "validation data", ignore_index)
         val_metrics = _batch_metrics(model, loss, loss_fn, classification)
 
     params = model.state_dict()
@@ -507,14 +580,43 @@ def fit(
             # The logits are needed by nothing after the loss: let the loss write its
             # gradient over them instead of allocating another array.
             loss_options["inplace"] = True
+    dp = None
+    if comm is not None and comm.size > 1:
+        from . import distributed as _distributed
+
+        dp = _distributed._DataParallel(
+            comm,
+            loss=loss if isinstance(loss, str) else None,
+            classification=classification,
+            loss_kwargs=user_loss_options,
+            label_dtype=_label_dtype(b),
+            checks={
+                "the number of training rows": int(X.shape[0]),
+                "the number of validation rows": (
+                    None if validation is None else int(X_val.shape[0])
+                ),
+                "epochs": int(epochs),
+                "batch_size": int(batch_size),
+                "seed": seed,
+                "the backend": b.name,
+                "the parameters' shapes": [
+                    (k, tuple(int(d) for d in v.shape)) for k, v in params.items()
+                ],
+                "the model's dtype": str(model.dtype),
+                "loss": loss if isinstance(loss, str) else "a callable",
+                "the optimizer": repr(opt),
+            },
+        )
+        params, state = dp.start(params, state, opt.buffers)
+        model._assign(params)
     jit_step = None
-    if b.name == "jax" and _jittable(model, loss, opt):
+    if b.name == "jax" and _jittable(model, loss, opt) and dp is None:
         jit_step = _jax_step(model, loss_fn, loss_options, opt, classification, _label_dtype(b))
     n = int(X.shape[0])
     steps = math.ceil(n / batch_size)
     rng = np.random.default_rng(seed)
     history = History()
-    bar = _progress_bar(progress, epochs * n)
+    bar = _progress_bar(progress and (dp is None or comm.rank == 0), epochs * n)
     step0 = int(state["step"])
     global_step = 0
     try:
@@ -529,12 +631,24 @@ def fit(
             start = time.perf_counter()
             for s in range(steps):
                 idx = perm[s * batch_size : min((s + 1) * batch_size, n)]
+                if dp is not None:
+                    # This rank's slice of the global batch.
+                    lo, hi = dp.rows(0, int(idx.shape[0]))
+                    idx = idx[lo:hi]
                 xb = xp.take(X, idx, axis=0)
                 yb = xp.take(y, idx, axis=0)
                 if jit_step is not None:
                     params, state, value, hit_count = jit_step(params, state, xb, yb)
                     if classification:
                         correct.append(hit_count)
+                elif dp is not None:
+                    value, grads, hit_count = dp.step(model, xb, yb, xp, loss_fn, loss_options)
+                    if classification:
+                        correct.append(hit_count)
+                    params, state = opt.update(params, grads, state, inplace=inplace)
+                    if b.name == "dask":
+                        params = _persist(b, params)
+                    model._assign(params)
                 else:
                     out = model._forward(xb, True, xp)
                     if classification:
@@ -548,7 +662,7 @@ def fit(
                         params = _persist(b, params)
                     model._assign(params)
                 pending.append(value)
-                sizes.append(int(xb.shape[0]))
+                sizes.append(min((s + 1) * batch_size, n) - s * batch_size)
                 global_step += 1
                 if global_step % check_every == 0 or s == steps - 1:
                     first = step0 + global_step - len(pending) + 1
@@ -571,7 +685,10 @@ def fit(
             history.epoch_time.append(elapsed)
             history.samples_per_s.append(n / elapsed if elapsed > 0 else math.inf)
             if validation is not None:
-                metrics = _evaluate(model, X_val, y_val, val_metrics, max(batch_size, 1024))
+                if dp is None:
+                    metrics = _evaluate(model, X_val, y_val, val_metrics, max(batch_size, 1024))
+                else:
+                    metrics = dp.evaluate(model, X_val, y_val, xp, loss_fn, max(batch_size, 1024))
                 history.val_loss.append(metrics["loss"])
                 history.val_accuracy.append(metrics["accuracy"])
             else:
@@ -580,6 +697,11 @@ def fit(
             history.optimizer_state = state
             if callback is not None:
                 callback(epoch, history)
+    except BaseException as exc:
+        if dp is not None:
+            # A rank failing alone would leave the others waiting in the all-reduce.
+            dp.fail(exc, (NonFiniteLossError,))
+        raise
     finally:
         if bar is not None:
             bar.close()
