@@ -40,7 +40,11 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Backends whose fast paths live in ``gradcore.backends.<name>``.
-_BACKEND_MODULES = {"numpy": "gradcore.backends.numpy", "cupy": "gradcore.backends.cupy"}
+_BACKEND_MODULES = {
+    "numpy": "gradcore.backends.numpy",
+    "cupy": "gradcore.backends.cupy",
+    "dask": "gradcore.backends.dask",
+}
 
 _registry: dict[tuple[str, str], Callable[..., Any]] = {}
 _cache: dict[tuple[str, Any], Callable[..., Any] | None] = {}
