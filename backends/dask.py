@@ -100,9 +100,13 @@ def _part(result: tuple[Any, Any]) -> Any:
     return xp.reshape(xp.astype(loss, xp.float64), (1,))
 
 
-def _sum_parts(*parts: Any) -> Any:
+def _total(divisor: Any, dtype: str, *parts: Any) -> Any:
+    """The loss: the sum of the block shares, NaN where the divisor is 0, in ``dtype``."""
     xp = _namespace(parts[0])
-    return xp.sum(xp.concat(parts))
+    total = xp.sum(xp.concat(parts))
+    if divisor is not None and float(divisor) == 0.0:
+        total = xp.asarray(float("nan"), dtype=xp.float64)
+    return xp.astype(total, getattr(xp, dtype))
 
 
 def _assemble(
@@ -113,14 +117,15 @@ def _assemble(
     func: Any,
     reduction: str,
     deps: list[Any],
-    divisor: Any,
+    divisor_key: Any,
     extra: dict[Any, Any],
 ) -> tuple[Any, Any]:
     """The (loss, grad) Dask arrays of one task per block of ``x``.
 
     ``block_args[idx]`` are the arguments (keys or values) of the task of block ``idx``;
     ``loss`` is per element ("none", with ``x``'s chunks, or its rows' for the
-    cross-entropy), or the sum of the block shares, NaN where ``divisor`` is 0.
+    cross-entropy), or the sum of the block shares (one task), NaN where the divisor
+    (the task ``divisor_key``, or None) is 0.
     """
     pname = f"gradcore-{kind}-{token}"
     gname = f"gradcore-{kind}-grad-{token}"
@@ -149,22 +154,23 @@ def _assemble(
         return da.Array(graph, lname, chunks=chunks, dtype=x.dtype, meta=meta), grad
 
     order = list(block_args)
+    # The small shares are taken out where the blocks are, then summed by one task.
     losses = {(lname, k): (_part, (pname, *idx)) for k, idx in enumerate(order)}
-    graph = HighLevelGraph.from_collections(lname, {**tasks, **losses}, dependencies=deps)
-    meta = x._meta.reshape(-1)[:0].astype(np.float64)
-    parts = da.Array(graph, lname, chunks=((1,) * len(order),), dtype=np.float64, meta=meta)
-    total = parts.sum()
-    if divisor is not None:
-        total = da.where(divisor == 0, np.nan, total)
-    return total.astype(x.dtype), grad
+    tname = f"gradcore-{kind}-total-{token}"
+    losses[(tname,)] = (_total, divisor_key, np.dtype(x.dtype).name, *losses)
+    graph = HighLevelGraph.from_collections(tname, {**tasks, **losses}, dependencies=deps)
+    meta = x._meta.reshape(-1)[:0].sum()
+    return da.Array(graph, tname, chunks=(), dtype=x.dtype, meta=meta), grad
 
 
 # --- softmax cross-entropy -------------------------------------------------------------------
 
 
-def _divisor_block(labels: Any, weight: Any, *, num_classes: int, ignore_index: int) -> Any:
-    """Σ w_y over the block's labelled rows (float64, 1 element)."""
-    xp = _namespace(labels)
+def _divisor(weight: Any, *blocks: Any, num_classes: int, ignore_index: int) -> Any:
+    """Σ w_y over the labelled rows of all label blocks (float64, 0-d): the labels are
+    small next to the logits, so one task reads them all."""
+    xp = _namespace(blocks[0])
+    labels = xp.concat(blocks)
     # Compared in int64 (uint64 as is: its values past int64 are out of range anyway).
     lab = labels if labels.dtype == xp.uint64 else xp.astype(labels, xp.int64)
     active = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
@@ -174,7 +180,7 @@ def _divisor_block(labels: Any, weight: Any, *, num_classes: int, ignore_index: 
         w = xp.asarray(weight, dtype=xp.float64)
         safe = xp.where(active, lab, xp.zeros_like(lab))
         total = xp.sum(xp.where(active, xp.take(w, xp.astype(safe, xp.int64)), 0.0))
-    return xp.reshape(total, (1,))
+    return total
 
 
 def _xent_block(
@@ -260,22 +266,16 @@ def softmax_cross_entropy(
     }
 
     extra: dict[Any, Any] = {}
-    divisor: Any = None
     dkey: Any = None
     if args.reduction == "mean":
         if args.soft:
             dkey = float(math.prod(logits.shape[:-1]))
         else:
-            dname = f"gradcore-xent-divisor-{token}"
+            dkey = (f"gradcore-xent-divisor-{token}",)
             count = functools.partial(
-                _divisor_block, num_classes=args.num_classes, ignore_index=args.ignore_index
+                _divisor, num_classes=args.num_classes, ignore_index=args.ignore_index
             )
-            for i in range(len(rows)):
-                extra[(dname, i)] = (count, (labels.name, i), wkey)
-            dkey = (f"gradcore-xent-total-{token}",)
-            extra[dkey] = (_sum_parts, *[(dname, i) for i in range(len(rows))])
-            graph = HighLevelGraph.from_collections(dkey[0], extra, dependencies=deps)
-            divisor = da.Array(graph, dkey[0], chunks=(), dtype=np.float64, meta=np.float64(0))
+            extra[dkey] = (count, wkey, *[(labels.name, i) for i in range(len(rows))])
     block = functools.partial(
         _xent_block, options=options, reduction=args.reduction, num_classes=args.num_classes
     )
@@ -283,7 +283,10 @@ def softmax_cross_entropy(
     for i in range(len(rows)):
         lkey = (labels.name, i) if not args.soft else (labels.name, i, 0)
         block_args[(i, 0)] = ((logits.name, i, 0), lkey, wkey, dkey)
-    return _assemble(logits, "xent", token, block_args, block, args.reduction, deps, divisor, extra)
+    divisor_key = dkey if isinstance(dkey, tuple) else None
+    return _assemble(
+        logits, "xent", token, block_args, block, args.reduction, deps, divisor_key, extra
+    )
 
 
 # --- elementwise losses ------------------------------------------------------------------------
