@@ -290,12 +290,8 @@ class Communicator:
         out = []
         offset = 0
         for a, n in zip(arrays, sizes, strict=True):
-            part = flat[offset : offset + n].reshape(a.shape)
-            if a.flags.writeable if hasattr(a.flags, "writeable") else True:
-                a[...] = part
-                out.append(a)
-            else:  # pragma: no cover - CuPy arrays are writable
-                out.append(part.astype(a.dtype, copy=True))
+            a[...] = flat[offset : offset + n].reshape(a.shape)  # CuPy arrays are writable
+            out.append(a)
             offset += n
         return out
 
@@ -339,7 +335,7 @@ def _nccl_dtype(nccl: Any, dtype: np.dtype[Any]) -> int:
     }
     try:
         return int(getattr(nccl, table[dtype.name]))
-    except KeyError:
+    except (KeyError, AttributeError):
         raise TypeError(f"NCCL cannot reduce arrays of dtype {dtype}") from None
 
 

@@ -2,6 +2,7 @@
 
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR CASE [CASE ...]
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --fail-rank 1
+    mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --mismatch | --diverge
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --cli ARGS...
 
 Each CASE (see ``CASES``) trains with ``fit(..., comm=init())`` and every rank writes its
@@ -91,6 +92,31 @@ def _fail(comm, rank: int) -> None:
     fit(model, X, y, comm=comm, progress=False, **kwargs)
 
 
+def _mismatch(comm) -> None:
+    from gradcore.train import fit
+
+    model, X, y, kwargs = make_problem("mse64")
+    if comm.rank == 1:
+        X, y = X[:-1], y[:-1]
+    fit(model, X, y, comm=comm, progress=False, **kwargs)
+
+
+def _diverge(comm, out: Path) -> None:
+    # The loss becomes NaN on every rank at the same step (it is reduced): every rank
+    # raises NonFiniteLossError, which the script may catch; nothing is aborted.
+    from gradcore import nn, optim
+    from gradcore.train import NonFiniteLossError, fit
+
+    _, X, y, kwargs = make_problem("mse64")
+    model = nn.MLP([5, 2], seed=1, dtype="float64")  # linear: nothing saturates
+    kwargs["optimizer"] = optim.SGD(lr=1e3)
+    kwargs["epochs"] = 30  # enough steps to overflow
+    try:
+        fit(model, X, y, comm=comm, progress=False, **kwargs)
+    except NonFiniteLossError as exc:
+        (out / f"caught-rank{comm.rank}").write_text(str(exc), encoding="utf-8")
+
+
 def _cli(comm, out: Path, argv: list[str]) -> int:
     # Record which ranks write a checkpoint, then run the command line as mpiexec would.
     import gradcore.train
@@ -113,6 +139,12 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0])
     if argv[1] == "--fail-rank":
         _fail(comm, int(argv[2]))
+        return 0
+    if argv[1] == "--mismatch":
+        _mismatch(comm)
+        return 0
+    if argv[1] == "--diverge":
+        _diverge(comm, out)
         return 0
     if argv[1] == "--cli":
         return _cli(comm, out, argv[2:])

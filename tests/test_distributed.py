@@ -221,6 +221,20 @@ def test_a_failing_rank_ends_the_job_quickly(mpiexec, tmp_path):
     assert elapsed < 30
 
 
+def test_ranks_with_different_data_fail_alike(mpiexec, tmp_path):
+    result = _run(mpiexec, 2, [str(tmp_path), "--mismatch"], timeout=60)
+    assert result.returncode != 0
+    assert "rank 1 has the number of training rows = 199 but rank 0 has 200" in result.stderr
+
+
+def test_a_nan_loss_is_raised_on_every_rank_without_aborting(mpiexec, tmp_path):
+    result = _run(mpiexec, 2, [str(tmp_path), "--diverge"], timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    messages = [(tmp_path / f"caught-rank{r}").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "step" in messages[0]
+
+
 def test_command_line_under_mpiexec(mpiexec, tmp_path):
     # The same run on 2 ranks and on 1 process: same final weights; rank 0 alone saved
     # the checkpoint, wrote the JSON and printed.
