@@ -27,6 +27,8 @@ CASES = {
     # 3 ranks: 10 rows do not divide by 3, and the last batch has 1 row (ranks left idle).
     "odd_xent64": ("cross_entropy", "float64", 61, 10),
     "odd_mse32": ("mse", "float32", 61, 10),
+    # CuPy arrays, summed through NCCL: one GPU per rank.
+    "gpu_xent32": ("cross_entropy", "float32", 200, 32),
 }
 
 
@@ -54,18 +56,25 @@ def make_problem(case: str):
         kwargs["optimizer"] = optim.Adam(lr=0.01)
         model = nn.MLP([5, 8, 2], "tanh", seed=1, dtype=dtype)
     kwargs["validation"] = (Xv, yv)
+    if case.startswith("gpu_"):
+        kwargs["backend"] = "cupy"
     return model, X, y, kwargs
 
 
 def _train_case(comm, out: Path, case: str) -> None:
+    from gradcore import to_numpy
     from gradcore.train import fit
 
+    if case.startswith("gpu_"):
+        import cupy
+
+        cupy.cuda.Device(comm.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
     model, X, y, kwargs = make_problem(case)
     if comm.rank != 0:
         # The other ranks start from different weights: fit must broadcast rank 0's.
-        model.load_state_dict({k: np.asarray(v) + 1.0 for k, v in model.state_dict().items()})
+        model.load_state_dict({k: to_numpy(v) + 1.0 for k, v in model.state_dict().items()})
     history = fit(model, X, y, comm=comm, progress=False, **kwargs)
-    arrays = {f"param/{k}": np.asarray(v) for k, v in model.state_dict().items()}
+    arrays = {f"param/{k}": to_numpy(v) for k, v in model.state_dict().items()}
     arrays["loss"] = np.asarray(history.loss)
     arrays["step_loss"] = np.asarray(history.step_loss)
     arrays["val_loss"] = np.asarray(history.val_loss, dtype=float)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gradcore
 from gradcore import distributed, nn, optim
 from gradcore.distributed import Communicator, _shard
 from gradcore.train import fit, load
@@ -176,7 +177,8 @@ def _compare(out: Path, ranks: int, case: str) -> None:
     history = fit(model, X, y, progress=False, **kwargs)
     runs = [np.load(out / f"{case}-rank{r}.npz") for r in range(ranks)]
     tol = 1e-6 if "32" in case else 1e-12
-    for name, ref in model.state_dict().items():
+    for name, value in model.state_dict().items():
+        ref = gradcore.to_numpy(value)
         np.testing.assert_allclose(runs[0][f"param/{name}"], ref, rtol=tol, atol=tol, err_msg=name)
     np.testing.assert_allclose(runs[0]["loss"], history.loss, rtol=tol, atol=tol)
     np.testing.assert_allclose(runs[0]["step_loss"], history.step_loss, rtol=tol, atol=tol)
@@ -206,6 +208,17 @@ def test_three_ranks_with_batches_that_do_not_divide(mpiexec, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for case in cases:
         _compare(tmp_path, 3, case)
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_two_gpus_through_nccl(mpiexec, tmp_path):
+    cupy = pytest.importorskip("cupy")
+    pytest.importorskip("cupy.cuda.nccl")
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices (NCCL refuses two ranks on one device)")
+    result = _run(mpiexec, 2, [str(tmp_path), "gpu_xent32"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    _compare(tmp_path, 2, "gpu_xent32")
 
 
 def test_a_failing_rank_ends_the_job_quickly(mpiexec, tmp_path):
