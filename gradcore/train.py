@@ -182,9 +182,9 @@ def _prepare(
                 raise ValueError(
                     f"{name}: cross_entropy needs integer class labels, got fractions in y"
                 )
-            if _labels_for_checks(y_np, ignore_index).min() < 0:
-                found = int(_labels_for_checks(y_np, ignore_index).min())
-                raise ValueError(f"{name}: class labels must be >= 0, found {found}")
+            lowest = int(_labels_for_checks(y_np, ignore_index).min())
+            if lowest < 0:
+                raise ValueError(f"{name}: class labels must be >= 0, found {lowest}")
             y_np = y_np.astype(np.int64)
         else:
             y_np = y_np.astype(np.float64)
