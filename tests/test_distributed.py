@@ -112,6 +112,84 @@ def test_init_is_single_process_outside_mpiexec(monkeypatch):
     assert distributed.init() is comm
 
 
+class _FakeWorld:
+    """``size`` ranks holding identical arrays: a sum is ``size`` times each array."""
+
+    def __init__(self, size):
+        self.size = size
+        self.calls = []
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, kind, key=0):
+        return _FakeWorld(1)
+
+    def Free(self):
+        pass
+
+    def Allreduce(self, inplace, buf, op):
+        self.calls.append(("allreduce", buf.dtype, buf.size))
+        buf *= self.size
+
+    def Bcast(self, buf, root):
+        self.calls.append(("bcast", buf.dtype, buf.size))
+        buf[...] = 7
+
+
+class _FakeMPI:
+    IN_PLACE = SUM = COMM_TYPE_SHARED = None
+
+
+def test_host_arrays_travel_in_one_flat_buffer(monkeypatch):
+    monkeypatch.setattr(distributed, "_mpi", lambda: _FakeMPI)
+    world = _FakeWorld(3)
+    comm = Communicator(world)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(3, 2))
+    frozen = np.ones(4, dtype=np.float32)
+    frozen.flags.writeable = False
+    out = comm.allreduce_([a, b, frozen])
+    assert world.calls == [("allreduce", np.dtype(np.float32), 16)]
+    assert out[0] is a
+    assert out[1] is b
+    np.testing.assert_array_equal(a, 3 * np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(b, 3 * np.arange(6).reshape(3, 2))
+    assert out[2] is not frozen
+    np.testing.assert_array_equal(frozen, 1)  # read-only input left alone
+    np.testing.assert_array_equal(out[2], 3)
+    # Mixed dtypes share one buffer of the wider type; results keep their own dtype.
+    c, d = np.ones(2, dtype=np.float32), np.ones(3, dtype=np.float64)
+    comm.allreduce_([c, d])
+    assert world.calls[-1] == ("allreduce", np.dtype(np.float64), 5)
+    assert c.dtype == np.float32
+    np.testing.assert_array_equal(c, 3)
+    comm.broadcast_([c])
+    assert world.calls[-1] == ("bcast", np.dtype(np.float32), 2)
+    np.testing.assert_array_equal(c, 7)
+    with pytest.raises(TypeError, match="real numeric"):
+        comm.allreduce_([np.ones(2, dtype=bool)])
+    with pytest.raises(TypeError, match="must be an array"):
+        comm.allreduce_([[1.0, 2.0]])
+
+
+def test_torch_and_jax_arrays_go_through_host_copies(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(distributed, "_mpi", lambda: _FakeMPI)
+    comm = Communicator(_FakeWorld(2))
+    t = torch.arange(4, dtype=torch.float32)
+    assert comm.allreduce_([t])[0] is t  # written in place
+    np.testing.assert_array_equal(t.numpy(), [0, 2, 4, 6])
+    jnp = pytest.importorskip("jax.numpy")
+    j = jnp.arange(3.0)
+    out = comm.allreduce_([j])[0]
+    np.testing.assert_array_equal(np.asarray(out), [0, 2, 4])
+    np.testing.assert_array_equal(np.asarray(j), [0, 1, 2])  # JAX arrays are immutable
+
+
 @pytest.mark.parametrize(("rows", "size"), [(10, 3), (32, 2), (1, 3), (0, 2), (7, 7), (100, 8)])
 def test_shards_cover_a_batch_once_and_balanced(rows, size):
     parts = [_shard(5, 5 + rows, r, size) for r in range(size)]
