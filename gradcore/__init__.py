@@ -59,7 +59,7 @@ def __getattr__(name: str) -> object:
     # `import gradcore` and the pytest plugin stay light.
     import importlib
 
-    if name in ("nn", "optim", "data", "train", "cli", "testing"):
+    if name in ("nn", "optim", "data", "train", "cli", "testing", "distributed"):
         return importlib.import_module(f".{name}", __name__)
     if name in ("fit", "History"):
         train = importlib.import_module(".train", __name__)

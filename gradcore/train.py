@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 import numpy as np
@@ -33,6 +33,9 @@ from . import nn as _nn
 from . import optim as _optim
 from ._namespace import Backend, get_namespace, to_numpy
 from .data import check_dataset
+
+if TYPE_CHECKING:
+    from .distributed import Communicator
 
 __all__ = [
     "LOSSES",
@@ -454,7 +457,7 @@ def fit(
     inplace: bool = True,
     check_every: int | None = None,
     loss_kwargs: Mapping[str, Any] | None = None,
-    comm: Any = None,
+    comm: Communicator | None = None,
 ) -> History:
     r"""Train ``model`` on ``X, y`` by minibatch gradient descent; return the history.
 
@@ -616,7 +619,7 @@ def fit(
     steps = math.ceil(n / batch_size)
     rng = np.random.default_rng(seed)
     history = History()
-    bar = _progress_bar(progress and (dp is None or comm.rank == 0), epochs * n)
+    bar = _progress_bar(progress and (dp is None or dp.comm.rank == 0), epochs * n)
     step0 = int(state["step"])
     global_step = 0
     try:
