@@ -89,8 +89,10 @@ def init() -> Communicator:
 
     - installs a :data:`sys.excepthook` that aborts the whole job (``MPI_Abort``) when an
       exception goes uncaught on any rank, after printing it with the rank's number;
-    - unless ``GRADCORE_NUM_THREADS`` is set, divides this node's cores among the ranks
-      running on it for the CPU fast paths (:func:`gradcore.set_num_threads`).
+    - divides this node's cores among the ranks running on it: for the CPU fast paths
+      (:func:`gradcore.set_num_threads`) unless ``GRADCORE_NUM_THREADS`` is set, and for
+      BLAS (through threadpoolctl, when installed) unless ``OMP_NUM_THREADS``,
+      ``OPENBLAS_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set.
 
     Returns
     -------
@@ -374,16 +376,32 @@ def _install_excepthook(comm: Communicator) -> None:
     sys.excepthook = abort_job
 
 
+_BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_blas_limits: Any = None
+
+
 def _share_cores(comm: Communicator) -> None:
+    """Give each rank its share of the node's cores, unless the user chose already.
+
+    Ranks that each start one thread per core would run ``ranks x cores`` threads that
+    wait for one another (the fast paths' pool, BLAS) on ``cores`` cores.
+    """
+    global _blas_limits
     from . import _dispatch
 
-    if os.environ.get("GRADCORE_NUM_THREADS") or _dispatch._num_threads is not None:
-        return
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    _dispatch.set_num_threads(max(1, cores // max(1, comm._local_size)))
+    share = max(1, cores // max(1, comm._local_size))
+    if not os.environ.get("GRADCORE_NUM_THREADS") and _dispatch._num_threads is None:
+        _dispatch.set_num_threads(share)
+    if not any(os.environ.get(v) for v in _BLAS_VARIABLES):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # then BLAS keeps its own default; OMP_NUM_THREADS sets it
+            return
+        _blas_limits = threadpool_limits(limits=share, user_api="blas")
 
 
 # --- data-parallel training: what fit(..., comm=) runs --------------------------------------
