@@ -34,10 +34,11 @@ Failures
 --------
 A rank that fails while the others wait in a collective would leave them waiting
 forever. Under ``mpiexec`` with more than one rank, :func:`init` installs an exception
-hook and :func:`~gradcore.train.fit` wraps its loop: an exception on one rank prints a
-message naming the rank and calls ``MPI_Abort``, which ends every rank of the job with a
-non-zero exit status within seconds. Errors that every rank raises at the same point
-because they come from reduced values (the loss becoming NaN) are raised normally.
+hook, and :func:`~gradcore.train.fit` with ``comm=`` catches what it raises: an
+exception on one rank prints a message naming the rank and calls ``MPI_Abort``, which
+ends every rank of the job with a non-zero exit status within seconds. Errors that every
+rank raises at the same step because they come from reduced values (the loss becoming
+NaN: ``NonFiniteLossError``) are raised normally.
 """
 
 from __future__ import annotations
@@ -577,16 +578,17 @@ class _DataParallel:
         loss = float(sums[0] / sums[1]) if sums[1] != 0 else math.nan
         return {"loss": loss, "accuracy": float(sums[2]) / n if self.classification else None}
 
-    def fail(self, exc: BaseException, collective: tuple[type[BaseException], ...]) -> None:
-        """End the whole job for an exception that only this rank may have raised."""
-        if self.comm.size == 1 or isinstance(exc, collective):
-            return
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.comm._abort(
-            f"{text}gradcore: rank {self.comm.rank} of {self.comm.size} failed in fit "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}); "
-            "aborting every rank of the job"
-        )
+
+def _fail_job(comm: Communicator, exc: BaseException, where: str) -> None:
+    """End every rank of the job for ``exc``, raised on this rank in ``where``."""
+    if comm.size == 1:
+        return
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    first = str(exc).strip().splitlines()
+    comm._abort(
+        f"{text}gradcore: rank {comm.rank} of {comm.size} failed in {where} "
+        f"({type(exc).__name__}{': ' + first[0] if first else ''}); aborting every rank of the job"
+    )
 
 
 def run_or_abort(comm: Communicator, func: Callable[..., Any], *args: Any) -> Any:

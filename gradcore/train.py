@@ -439,6 +439,34 @@ def _evaluate(
     return {"loss": total / n, "accuracy": correct / n if hits is not None else None}
 
 
+def _one_rank_fails_all(func: Callable[..., History]) -> Callable[..., History]:
+    """Under ``comm`` of several ranks, an exception from :func:`fit` ends the whole job.
+
+    A rank that fails alone (bad data, a bug, an interrupt) would leave the others
+    waiting in a collective forever: it prints the error with its rank and aborts every
+    rank (``MPI_Abort``). A ``NonFiniteLossError`` comes from reduced losses, so every
+    rank raises it at the same step: it is raised normally and may be caught.
+    """
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> History:
+        comm = kwargs.get("comm")
+        if comm is None or comm.size == 1:
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except NonFiniteLossError:
+            raise
+        except BaseException as exc:
+            from .distributed import _fail_job
+
+            _fail_job(comm, exc, "fit")
+            raise
+
+    return run
+
+
+@_one_rank_fails_all
 def fit(
     model: _nn.Module,
     X: Any,
@@ -513,8 +541,9 @@ def fit(
         Rank 0's initial parameters are broadcast first; the history (losses,
         accuracies, validation metrics) is global and the same on every rank; only
         rank 0 shows progress; ``callback`` runs on every rank. A callable ``loss`` is
-        taken to be a mean over the batch's rows. An exception on one rank aborts the
-        job (a ``NonFiniteLossError``, which every rank raises alike, does not).
+        taken to be a mean over the batch's rows. Any exception on any rank, data
+        checks included, aborts the job with a message naming the rank (except a
+        ``NonFiniteLossError``, which every rank raises alike at the same step).
 
     Returns
     -------
@@ -700,11 +729,6 @@ def fit(
             history.optimizer_state = state
             if callback is not None:
                 callback(epoch, history)
-    except BaseException as exc:
-        if dp is not None:
-            # A rank failing alone would leave the others waiting in the all-reduce.
-            dp.fail(exc, (NonFiniteLossError,))
-        raise
     finally:
         if bar is not None:
             bar.close()

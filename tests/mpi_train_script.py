@@ -2,7 +2,7 @@
 
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR CASE [CASE ...]
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --fail-rank 1
-    mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --mismatch | --diverge
+    mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --mismatch | --diverge | --bad-data
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --cli ARGS...
 
 Each CASE (see ``CASES``) trains with ``fit(..., comm=init())`` and every rank writes its
@@ -110,6 +110,20 @@ def _mismatch(comm) -> None:
     fit(model, X, y, comm=comm, progress=False, **kwargs)
 
 
+def _bad_data(comm, out: Path) -> None:
+    # Rank 1 alone has a NaN: it fails its data checks while rank 0 goes on to train.
+    from gradcore.train import fit
+
+    model, X, y, kwargs = make_problem("mse64")
+    if comm.rank == 1:
+        X[5, 0] = np.nan
+    try:
+        fit(model, X, y, comm=comm, progress=False, **kwargs)
+    except ValueError:
+        # Too late: the job is ended before a rank could carry on alone.
+        (out / f"caught-rank{comm.rank}").write_text("", encoding="utf-8")
+
+
 def _diverge(comm, out: Path) -> None:
     # The loss becomes NaN on every rank at the same step (it is reduced): every rank
     # raises NonFiniteLossError, which the script may catch; nothing is aborted.
@@ -151,6 +165,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[1] == "--mismatch":
         _mismatch(comm)
+        return 0
+    if argv[1] == "--bad-data":
+        _bad_data(comm, out)
         return 0
     if argv[1] == "--diverge":
         _diverge(comm, out)

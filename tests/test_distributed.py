@@ -312,6 +312,17 @@ def test_a_failing_rank_ends_the_job_quickly(mpiexec, tmp_path):
     assert elapsed < 30
 
 
+def test_bad_data_on_one_rank_ends_the_job(mpiexec, tmp_path):
+    try:
+        result = _run(mpiexec, 2, [str(tmp_path), "--bad-data"], timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("one rank's data check failed and the job hung for 30 s")
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed in fit" in result.stderr, result.stderr
+    assert "NaN" in result.stderr
+    assert not list(tmp_path.glob("caught-*"))
+
+
 def test_ranks_with_different_data_fail_alike(mpiexec, tmp_path):
     result = _run(mpiexec, 2, [str(tmp_path), "--mismatch"], timeout=60)
     assert result.returncode != 0
