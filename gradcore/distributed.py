@@ -44,6 +44,7 @@ NaN: ``NonFiniteLossError``) are raised normally.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -543,6 +544,26 @@ class _DataParallel:
         reduced = {k: g * scale for k, g in zip(names, summed[:-1], strict=True)}
         value = xp.where(empty, xp.full_like(total, math.nan), total / safe)
         return value, reduced, xp.astype(xp.round(hits), self.label_dtype)
+
+    def check_replicas(self, params: dict[str, Any], epoch: int) -> None:
+        """Raise on every rank if the ranks' parameters are no longer bit for bit equal.
+
+        They cannot drift apart unless the all-reduce gave ranks different sums (an MPI
+        reduction that is not deterministic across ranks) or something changed one
+        rank's model alone (a callback): a silent error worth a hash per epoch.
+        """
+        from ._namespace import to_numpy
+
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(params):
+            digest.update(np.ascontiguousarray(to_numpy(params[name])).tobytes())
+        every = self.comm._allgather(digest.hexdigest())
+        differ = [r for r, d in enumerate(every) if d != every[0]]
+        if differ:
+            raise RuntimeError(
+                f"fit(comm=...): after epoch {epoch} the parameters of rank(s) "
+                f"{', '.join(map(str, differ))} differ from rank 0's; the replicas diverged"
+            )
 
     def evaluate(
         self,

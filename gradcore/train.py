@@ -706,6 +706,8 @@ def fit(
                     pending = []
             b.synchronize(*params.values())
             elapsed = time.perf_counter() - start
+            if dp is not None:
+                dp.check_replicas(params, epoch)
             history.epoch.append(epoch)
             history.step_loss.extend(epoch_losses)
             history.loss.append(float(np.dot(epoch_losses, sizes)) / n)

@@ -2,7 +2,7 @@
 
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR CASE [CASE ...]
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --fail-rank 1
-    mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --mismatch | --diverge | --bad-data
+    mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --mismatch|--diverge|--bad-data|--drift
     mpiexec -n 2 python tests/mpi_train_script.py OUT_DIR --cli ARGS...
 
 Each CASE (see ``CASES``) trains with ``fit(..., comm=init())`` and every rank writes its
@@ -124,6 +124,20 @@ def _bad_data(comm, out: Path) -> None:
         (out / f"caught-rank{comm.rank}").write_text("", encoding="utf-8")
 
 
+def _drift(comm) -> None:
+    # A callback that touches rank 1's model alone: the replicas differ from then on.
+    from gradcore.train import fit
+
+    model, X, y, kwargs = make_problem("mse64")
+
+    def nudge(epoch, history):
+        if comm.rank == 1 and epoch == 1:
+            w = model.state_dict()["0.W"]
+            w[0, 0] = np.nextafter(w[0, 0], np.inf)
+
+    fit(model, X, y, comm=comm, progress=False, callback=nudge, **kwargs)
+
+
 def _diverge(comm, out: Path) -> None:
     # The loss becomes NaN on every rank at the same step (it is reduced): every rank
     # raises NonFiniteLossError, which the script may catch; nothing is aborted.
@@ -168,6 +182,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[1] == "--bad-data":
         _bad_data(comm, out)
+        return 0
+    if argv[1] == "--drift":
+        _drift(comm)
         return 0
     if argv[1] == "--diverge":
         _diverge(comm, out)

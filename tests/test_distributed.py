@@ -323,6 +323,12 @@ def test_bad_data_on_one_rank_ends_the_job(mpiexec, tmp_path):
     assert not list(tmp_path.glob("caught-*"))
 
 
+def test_replicas_that_drift_apart_are_detected(mpiexec, tmp_path):
+    result = _run(mpiexec, 2, [str(tmp_path), "--drift"], timeout=60)
+    assert result.returncode != 0
+    assert "after epoch 2 the parameters of rank(s) 1 differ from rank 0's" in result.stderr
+
+
 def test_ranks_with_different_data_fail_alike(mpiexec, tmp_path):
     result = _run(mpiexec, 2, [str(tmp_path), "--mismatch"], timeout=60)
     assert result.returncode != 0
