@@ -16,6 +16,26 @@ it as ``fit(..., comm=comm)``::
 The same script runs unchanged without ``mpiexec`` (``comm.size == 1``). ``mpiexec -n 4
 gradcore train ...`` does the same from the command line.
 
+The update
+----------
+Every rank draws the same permutation (same seed) and cuts the same global batches
+:math:`B`; rank :math:`r` of :math:`p` takes the contiguous rows :math:`B_r` (sizes
+differ by at most one; a rank may get none). The mean loss of the global batch is
+
+.. math::
+
+    L = \frac{1}{D} \sum_{r=1}^{p} \sum_{i \in B_r} \ell_i, \qquad
+    D = \sum_{r=1}^{p} D_r, \qquad
+    \nabla L = \frac{1}{D} \sum_{r=1}^{p} \nabla \Big( \sum_{i \in B_r} \ell_i \Big),
+
+where :math:`D_r` is rank :math:`r`'s share of the mean's divisor: the number of its
+non-ignored rows, or the sum of their class weights :math:`\sum_{i} w_{y_i}`
+(cross-entropy), or its number of elements (MSE). A rank cannot divide by its own
+:math:`D_r`: it backpropagates the gradient of its *sum* loss, and one all-reduce sums
+the parameter gradients together with the sum loss, :math:`D_r` and the correct
+predictions; every rank then divides by the same :math:`D` and applies the same
+update, the one a single process makes on :math:`B`.
+
 How arrays travel
 -----------------
 - NumPy arrays go through MPI buffers directly (no pickling), packed into one flat
