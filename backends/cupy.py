@@ -10,10 +10,17 @@ same on every path), then launches hand-written CUDA kernels from ``cuda/*.cu``:
     sm_90+ a thread-block cluster per row; a two-read online-softmax fallback for rows
     too long for any of them). The mean's divisor is computed on the device and the
     per-row losses are reduced in a fixed order into a 0-d device array: no host
-    synchronisation, bitwise reproducible results.
+    synchronisation, and bitwise reproducible results for the same shapes, device and
+    data-pointer alignment (the alignment picks the vector width, which changes the
+    order of the sums).
 ``mse``, ``binary_cross_entropy_with_logits``
     ``cuda/pointwise_losses.cu``: a grid-stride kernel with per-block partial sums and a
-    deterministic single-block second stage.
+    deterministic single-block second stage (bitwise reproducible for the same shapes,
+    device and data-pointer alignment).
+
+With ``out=`` or ``inplace=True``, a gradient buffer that overlaps another input (labels,
+targets, weights; or the logits other than exactly, as ``inplace`` does) is refused with a
+``ValueError``: the kernels read those inputs while they write the gradient.
 
 Kernels are specialised with ``#define``\ s (``-DNAME=VALUE`` options), compiled by
 NVRTC through :class:`cupy.RawModule` once per process, device and specialisation, and
@@ -65,6 +72,12 @@ XENT_VARIANTS = ("warp", "block", "cluster", "online")
 #: Floats one thread may hold in registers for a row (halved for soft targets, which
 #: are held too). 32 keeps a 512-thread block under 64 registers per thread or close.
 REGISTER_FLOATS = 32
+
+#: Most threads of a block that holds a row in registers. At 1024 threads a thread may
+#: use only 64 registers, and 32 floats of row plus the rest spill (ptxas -v for sm_90:
+#: 140 bytes at C = 32000); at 512 the kernel takes about 80 registers and spills none.
+#: Longer rows go to a cluster (sm_90+) or the online variant.
+MAX_ROW_BLOCK = 512
 
 #: Storage codes of the kernels' ``*_KIND`` defines.
 FLOAT_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -140,8 +153,8 @@ def choose_xent_launch(
     -------
     XentLaunch
         Warp per row up to 32 registers-worth of floats per lane, then a block per row
-        (64 to 1024 threads), then on sm_90+ a cluster of 2 to 8 blocks, else the
-        two-read online fallback.
+        (64 to :data:`MAX_ROW_BLOCK` threads), then on sm_90+ a cluster of 2 to 8 blocks,
+        else the two-read online fallback.
     """
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"need at least one row and one class, got {n_rows}x{n_cols}")
@@ -158,7 +171,7 @@ def choose_xent_launch(
         return XentLaunch("warp", 32 * rows_per_block, items, vec, 1, -(-n_rows // rows_per_block))
 
     def block() -> XentLaunch | None:
-        threads = min(max(_next_pow2(-(-n_cols // budget)), 64), 1024)
+        threads = min(max(_next_pow2(-(-n_cols // budget)), 64), MAX_ROW_BLOCK)
         items = -(-vecs // threads)
         if items * vec > budget:
             return None
@@ -167,18 +180,20 @@ def choose_xent_launch(
     def cluster() -> XentLaunch | None:
         if not cluster_ok:
             return None
-        for threads in (512, 1024):
-            # A power of two: 2, 4 or 8 blocks (8 is the portable maximum). Other sizes
-            # are legal on paper but have not been run here, so they are not used.
-            size = _next_pow2(max(2, -(-n_cols // (threads * budget))))
-            if size <= 8:
-                items = -(-vecs // (size * threads))
-                if items * vec <= budget:
-                    return XentLaunch("cluster", threads, items, vec, size, n_rows * size)
-        return None
+        threads = MAX_ROW_BLOCK  # 1024-thread blocks spill (28 bytes at C = 262144)
+        # A power of two: 2, 4 or 8 blocks (8 is the portable maximum). Other sizes are
+        # legal on paper but have not been run here, so they are not used.
+        size = _next_pow2(max(2, -(-n_cols // (threads * budget))))
+        if size > 8:
+            return None
+        items = -(-vecs // (size * threads))
+        if items * vec > budget:
+            return None
+        return XentLaunch("cluster", threads, items, vec, size, n_rows * size)
 
     def online() -> XentLaunch:
-        threads = min(max(_next_pow2(-(-vecs // 4)), 128), 1024)
+        # At most MAX_ROW_BLOCK threads too: at 1024 (64 registers) it spills 4 bytes.
+        threads = min(max(_next_pow2(-(-vecs // 4)), 128), MAX_ROW_BLOCK)
         return XentLaunch("online", threads, 1, vec, 1, n_rows)
 
     choices = {"warp": warp, "block": block, "cluster": cluster, "online": online}
@@ -241,6 +256,9 @@ def define_options(defines: dict[str, int]) -> tuple[str, ...]:
 # --- module cache and small CuPy helpers --------------------------------------------------
 
 _modules: dict[tuple[str, tuple[str, ...], int], Any] = {}
+#: RawKernel objects by (file, options, device, kernel name): get_function builds a new
+#: one on every call.
+_kernels: dict[tuple[str, tuple[str, ...], int, str], Any] = {}
 _modules_lock = threading.Lock()
 _forced = threading.local()
 #: Devices where a cluster launch was refused (see ``_xent``); they use the online variant.
@@ -263,16 +281,21 @@ def force_xent_variant(variant: str | None) -> Iterator[None]:
 
 def _kernel(filename: str, name: str, defines: dict[str, int], device_id: int) -> Any:
     options = define_options(defines)
+    kernel = _kernels.get((filename, options, device_id, name))
+    if kernel is not None:
+        return kernel
     key = (filename, options, device_id)
-    module = _modules.get(key)
-    if module is None:
-        with _modules_lock:
-            module = _modules.get(key)
-            if module is None:
-                source = (CUDA_DIR / filename).read_text()
-                module = cupy.RawModule(code=source, options=options)
-                _modules[key] = module
-    return module.get_function(name)
+    with _modules_lock:
+        module = _modules.get(key)
+        if module is None:
+            source = (CUDA_DIR / filename).read_text()
+            module = cupy.RawModule(code=source, options=options)
+            _modules[key] = module
+        kernel = _kernels.get((*key, name))
+        if kernel is None:
+            kernel = module.get_function(name)
+            _kernels[(*key, name)] = kernel
+    return kernel
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -311,6 +334,41 @@ def _contiguous(x: Any) -> bool:
     return bool(x.flags.c_contiguous)
 
 
+def _span(x: Any) -> tuple[int, int]:
+    """``[start, end)`` device addresses of a C-contiguous array's elements."""
+    start = int(x.data.ptr)
+    return start, start + int(x.size) * int(x.dtype.itemsize)
+
+
+def _check_no_overlap(grad: Any, name: str, x: Any, inputs: Sequence[tuple[str, Any]]) -> None:
+    """``ValueError`` if the gradient buffer overlaps an input the kernel reads while it
+    writes: any of ``inputs``, or ``x`` other than exactly (``inplace``/``out=x``)."""
+    g0, g1 = _span(grad)
+    x0, x1 = _span(x)
+    if (g0, g1) != (x0, x1) and g0 < x1 and x0 < g1:
+        raise ValueError(
+            f"out overlaps {name} without being {name} itself; the kernel would read "
+            f"{name} after writing the gradient over it (pass a separate buffer, or "
+            "inplace=True)"
+        )
+    for input_name, a in inputs:
+        if a is None or int(a.size) == 0:
+            continue
+        a0, a1 = _span(a)
+        if g0 < a1 and a0 < g1:
+            what = "the gradient (out=)" if grad is not x else f"{name} (inplace=True)"
+            raise ValueError(
+                f"{what} overlaps {input_name}, which the kernel reads while it writes the "
+                f"gradient; pass {input_name} in a separate buffer"
+            )
+
+
+#: Driver errors with which a cluster launch is refused before anything ran (the only
+#: ones that switch a device to the online variant): CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+#: CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_INVALID_CLUSTER_SIZE.
+CLUSTER_REFUSED = frozenset({701, 801, 912})
+
+
 # --- softmax cross-entropy ---------------------------------------------------------------
 
 
@@ -343,17 +401,21 @@ def _xent(
         label_kind = 2
     else:
         target_kind = kind
-        name = _dtype_name(labels.dtype)
-        if name == "uint64":
+        if _dtype_name(labels.dtype) == "uint64":
             return NotImplemented  # past 2**63 it would wrap in int64; the generic compares
-        if name not in ("int32", "int64"):
-            labels = labels.astype(cupy.int64)
-        labels = cupy.ascontiguousarray(labels)
-        label_kind = 0 if labels.dtype == cupy.int32 else 1
 
+    # Everything allocated from here on (converted labels and weights included) must be
+    # on the logits' device, whichever device is current.
     with cupy.cuda.Device(device_id):
+        if not args.soft:
+            if _dtype_name(labels.dtype) not in ("int32", "int64"):
+                labels = labels.astype(cupy.int64)
+            labels = cupy.ascontiguousarray(labels)
+            label_kind = 0 if labels.dtype == cupy.int32 else 1
         w = None if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
         grad = logits if inplace else (out if out is not None else cupy.empty_like(logits))
+        if out is not None or inplace:
+            _check_no_overlap(grad, "logits", logits, [("labels", labels), ("weight", w)])
         arrays = [logits, grad] + ([labels] if args.soft else [])
         vec = vector_width(
             n_cols, [a.dtype.itemsize for a in arrays], [int(a.data.ptr) for a in arrays]
@@ -416,11 +478,16 @@ def _xent(
         kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
         try:
             kernel((launch.grid,), (launch.block,), row_args)
-        except cupy.cuda.driver.CUDADriverError:
+        except cupy.cuda.driver.CUDADriverError as exc:
             # A cluster the driver refuses to schedule is reported by the launch call
             # itself, before anything has run: fall back to the online variant, and do
-            # not try clusters on this device again.
-            if launch.variant != "cluster" or getattr(_forced, "variant", None) is not None:
+            # not try clusters on this device again. Any other error (a sticky one left
+            # by an earlier kernel, say) is not about clusters and is raised.
+            if (
+                launch.variant != "cluster"
+                or getattr(_forced, "variant", None) is not None
+                or getattr(exc, "status", None) not in CLUSTER_REFUSED
+            ):
                 raise
             _no_clusters.add(device_id)
             launch = choose_xent_launch(
@@ -452,8 +519,14 @@ def softmax_cross_entropy(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
 ) -> Any:
-    """Fused CUDA softmax cross-entropy; see :func:`gradcore.softmax_cross_entropy`."""
+    """Fused CUDA softmax cross-entropy; see :func:`gradcore.softmax_cross_entropy`.
+
+    ``softcap`` (logit soft-capping) is not in the kernel yet: the generic path runs.
+    """
+    if softcap is not None:
+        return NotImplemented
     xp = get_namespace(logits, labels, weight, out)
     args = _validate_xent(
         logits,
@@ -489,6 +562,7 @@ def softmax_cross_entropy_bf16(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Any, Any]:
     r"""Fused softmax cross-entropy for bfloat16 logits stored as raw bits.
 
@@ -505,6 +579,8 @@ def softmax_cross_entropy_bf16(
     """
     if cupy is None or not isinstance(logits, cupy.ndarray):
         raise TypeError("softmax_cross_entropy_bf16 needs a CuPy array of bfloat16 bits")
+    if softcap is not None:
+        raise ValueError("softcap is not supported by the CUDA kernel yet; leave it at None")
     if _dtype_name(logits.dtype) not in ("uint16", "int16"):
         raise TypeError(
             f"logits must be a uint16 or int16 array of bfloat16 bits, got {logits.dtype}"
@@ -583,6 +659,10 @@ def _pointwise(
         w = None if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
         q = None if pos_weight is None else cupy.ascontiguousarray(pos_weight, dtype=cupy.float32)
         grad = pred if inplace else (out if out is not None else cupy.empty_like(pred))
+        if out is not None or inplace:
+            name = "pred" if loss == 0 else "logits"
+            others = [("target" if loss == 0 else "targets", target), ("weight", w)]
+            _check_no_overlap(grad, name, pred, [*others, ("pos_weight", q)])
         arrays = [pred, target, grad]
         red = {"none": 0, "mean": 1, "sum": 2}[reduction]
         if red == 0:

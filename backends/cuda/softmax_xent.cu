@@ -32,7 +32,9 @@
 // float64); each gradient element is computed in float32 and rounded once to the
 // output type. All reductions are fixed-order trees (warp butterflies, then a
 // sequential pass over the warps or blocks in index order): no floating atomics, so
-// the results are bitwise reproducible for a given launch configuration.
+// the results are bitwise reproducible for a given launch configuration (which depends
+// on the shapes, the device and the alignment of the data pointers: VEC changes the
+// order of the sums).
 //
 // The gradient may alias the logits (in-place): each element is read into a register
 // before the same thread writes it, so no pointer is declared __restrict__.
@@ -267,10 +269,11 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
     RowInfo info;
 #if REDUCTION == 1
     {
-        // As the generic code: the gradient is divided by the divisor, or by 1 where the
-        // divisor is 0 (an all-ignored batch: zero gradient, NaN mean in xent_finalize).
+        // As PyTorch: with a divisor of 0 (every row ignored, or every present label of
+        // class weight 0) the mean is NaN (xent_finalize), every row that is not ignored
+        // has a NaN gradient, and ignored rows keep their zero gradient.
         const float d = denom[0];
-        info.scale = d == 0.0f ? 1.0f : 1.0f / d;
+        info.scale = d == 0.0f ? F_NAN : 1.0f / d;
     }
 #else
     info.scale = 1.0f;
@@ -560,7 +563,8 @@ xent_finalize(const float* row_loss, const float* denom, logit_t* loss, i64 n_ro
     if (threadIdx.x == 0) {
         float v = (float)total;
 #if REDUCTION == 1
-        v = (float)(total / (double)denom[0]);
+        // A divisor of 0 gives NaN (as PyTorch), never +-inf from a nonzero total.
+        v = denom[0] == 0.0f ? F_NAN : (float)(total / (double)denom[0]);
 #endif
         loss[0] = from_float<LOGIT_KIND>(v);
     }

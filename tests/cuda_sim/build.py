@@ -182,11 +182,15 @@ def _line_of(text: str, index: int) -> str:
     if not marks:
         return str(before.count("\n") + 1)
     last = marks[-1]
-    return f"{Path(last.group(2)).name}:{int(last.group(1)) + before.count(chr(10), last.end()) - 1}"
+    return (
+        f"{Path(last.group(2)).name}:{int(last.group(1)) + before.count(chr(10), last.end()) - 1}"
+    )
 
 
 _SHARED = re.compile(r"\b__shared__\s+([A-Za-z_][\w:<>, ]*?[\w>*])\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
-_SHARED_DYNAMIC = re.compile(r"\bextern\s+__shared__\s+([A-Za-z_][\w:<>, ]*?[\w>*])\s+(\w+)\s*\[\s*\]\s*;")
+_SHARED_DYNAMIC = re.compile(
+    r"\bextern\s+__shared__\s+([A-Za-z_][\w:<>, ]*?[\w>*])\s+(\w+)\s*\[\s*\]\s*;"
+)
 
 
 def _rewrite_shared(text: str) -> str:
@@ -230,7 +234,7 @@ def _kernels(text: str) -> list[KernelDecl]:
             name = a.group(1)
             break
         lb = attrs.get("__launch_bounds__", [1024, 0])
-        cd = (attrs.get("__cluster_dims__", []) + [1, 1, 1])[:3]
+        cd = [*attrs.get("__cluster_dims__", []), 1, 1, 1][:3]
         found.append(KernelDecl(name, lb[0], lb[1] if len(lb) > 1 else 0, tuple(cd)))  # type: ignore[arg-type]
     return found
 
@@ -252,7 +256,7 @@ def rewrite(text: str) -> tuple[str, list[KernelDecl]]:
     text += (
         f"\n{glue}\nstatic const sim::KernelInfo sim_table[] = {{\n"
         + "\n".join(table)
-        + "\n};\nextern \"C\" const sim::KernelInfo* sim_kernel_table(int* n) {\n"
+        + '\n};\nextern "C" const sim::KernelInfo* sim_kernel_table(int* n) {\n'
         f"    *n = {len(kernels)};\n    return sim_table;\n}}\n"
     )
     return text, kernels
@@ -296,7 +300,7 @@ def _precompiled_shim() -> Path:
 
 
 class SimKernelInfo(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("name", ctypes.c_char_p),
         ("invoke", ctypes.c_void_p),
         ("nparams", ctypes.c_int),
@@ -408,7 +412,16 @@ def build(source: str, options: tuple[str, ...] = (), *, name: str = "kernel.cu"
                 cu = Path(tmp) / name
                 cu.write_text(source)
                 pre = subprocess.run(
-                    [CXX, "-E", "-x", "c++", "-D__CUDACC__", "-D__CUDA_ARCH__=900", *defines, str(cu)],
+                    [
+                        CXX,
+                        "-E",
+                        "-x",
+                        "c++",
+                        "-D__CUDACC__",
+                        "-D__CUDA_ARCH__=900",
+                        *defines,
+                        str(cu),
+                    ],
                     capture_output=True,
                     text=True,
                     check=False,

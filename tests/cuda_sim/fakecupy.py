@@ -90,7 +90,8 @@ class _Allocation:
                 where.append(f"{self.start - bad_head[0]} bytes before the start")
             if bad_tail.size:
                 where.append(f"{bad_tail[-1] + 1} bytes past the end")
-            return f"out-of-bounds write into an allocation of {self.nbytes} bytes ({', '.join(where)})"
+            where_text = ", ".join(where)
+            return f"out-of-bounds write into an allocation of {self.nbytes} bytes ({where_text})"
         return None
 
     def data(self) -> np.ndarray:
@@ -141,22 +142,46 @@ class Device:
         return f"<CUDA Device {self.id}>"
 
 
-class ndarray:  # noqa: N801 - CuPy's name
+class ndarray:
     """Just enough of cupy.ndarray: a view (shape, dtype, strides) of an allocation."""
 
-    def __init__(self, shape: Any, dtype: Any = float, *, _alloc: _Allocation | None = None,
-                 _offset: int = 0, _strides: tuple[int, ...] | None = None) -> None:
-        self.shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    def __init__(
+        self,
+        shape: Any,
+        dtype: Any = float,
+        *,
+        _alloc: _Allocation | None = None,
+        _offset: int = 0,
+        _strides: tuple[int, ...] | None = None,
+    ) -> None:
+        self.shape = tuple(
+            int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,))
+        )
         self.dtype = np.dtype(dtype)
         size = int(np.prod(self.shape, dtype=np.int64))
-        self._alloc = _alloc if _alloc is not None else _Allocation(size * self.dtype.itemsize, config.current)
+        self._alloc = (
+            _alloc
+            if _alloc is not None
+            else _Allocation(size * self.dtype.itemsize, config.current)
+        )
         self._offset = _offset
-        self.strides = _strides if _strides is not None else np.empty(self.shape, self.dtype).strides if size else (0,) * len(self.shape)
+        self.strides = (
+            _strides
+            if _strides is not None
+            else np.empty(self.shape, self.dtype).strides
+            if size
+            else (0,) * len(self.shape)
+        )
 
     # -- host views
     def _host(self) -> np.ndarray:
-        return np.ndarray(self.shape, self.dtype, buffer=self._alloc.data(), offset=self._offset,
-                          strides=self.strides)
+        return np.ndarray(
+            self.shape,
+            self.dtype,
+            buffer=self._alloc.data(),
+            offset=self._offset,
+            strides=self.strides,
+        )
 
     def _wrap(self, host: np.ndarray) -> ndarray:
         """A view of this allocation if ``host`` is one, else a copy on the current device."""
@@ -164,8 +189,13 @@ class ndarray:  # noqa: N801 - CuPy's name
         addr = host.__array_interface__["data"][0]
         start = base.__array_interface__["data"][0]
         if host.size and start <= addr < start + base.size and np.shares_memory(host, base):
-            return ndarray(host.shape, host.dtype, _alloc=self._alloc, _offset=addr - start,
-                           _strides=host.strides)
+            return ndarray(
+                host.shape,
+                host.dtype,
+                _alloc=self._alloc,
+                _offset=addr - start,
+                _strides=host.strides,
+            )
         return asarray(host)
 
     @property
@@ -197,7 +227,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         return _Flags(self)
 
     @property
-    def T(self) -> ndarray:  # noqa: N802
+    def T(self) -> ndarray:
         return self._wrap(self._host().T)
 
     def get(self) -> np.ndarray:
@@ -297,8 +327,9 @@ def full(shape: Any, value: Any, dtype: Any = None) -> ndarray:
 
 
 class RawModule:
-    def __init__(self, code: str, options: tuple[str, ...] = (), name_expressions: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, code: str, options: tuple[str, ...] = (), name_expressions: Any = None, **kwargs: Any
+    ) -> None:
         if kwargs.get("backend", "nvrtc") != "nvrtc":
             raise ValueError("the simulator compiles like NVRTC only")
         self.code = code
@@ -355,8 +386,9 @@ class RawKernel:
         self.device = device
         self.max_dynamic_shared_size_bytes = 0
 
-    def __call__(self, grid: Any, block: Any, args: Any, *, shared_mem: int = 0,
-                 stream: Any = None) -> None:
+    def __call__(
+        self, grid: Any, block: Any, args: Any, *, shared_mem: int = 0, stream: Any = None
+    ) -> None:
         k = self.kernel
         if config.current != self.device:
             raise CUDADriverError(CUDA_ERROR_INVALID_HANDLE, "kernel loaded on another device")
@@ -373,8 +405,10 @@ class RawKernel:
                 f"{threads} threads exceed __launch_bounds__({k.max_threads}) of {k.name}",
             )
         if shared_mem > 48 * 1024 and shared_mem > self.max_dynamic_shared_size_bytes:
-            raise CUDADriverError(CUDA_ERROR_INVALID_VALUE, "dynamic shared memory above 48 KB "
-                                  "needs max_dynamic_shared_size_bytes")
+            raise CUDADriverError(
+                CUDA_ERROR_INVALID_VALUE,
+                "dynamic shared memory above 48 KB needs max_dynamic_shared_size_bytes",
+            )
         if shared_mem > 227 * 1024:
             raise CUDADriverError(CUDA_ERROR_INVALID_VALUE, "dynamic shared memory above 227 KB")
         c = k.cluster
@@ -389,14 +423,19 @@ class RawKernel:
                 raise CUDADriverError(status, f"injected failure of {k.name}")
         if len(args) != len(k.sizes):
             raise SimError(f"{k.name} takes {len(k.sizes)} arguments, got {len(args)}")
-        packed = [_pack(a, s, kind, i, k.name) for i, (a, s, kind) in enumerate(zip(args, k.sizes, k.kinds, strict=True))]
+        packed = [
+            _pack(a, s, kind, i, k.name)
+            for i, (a, s, kind) in enumerate(zip(args, k.sizes, k.kinds, strict=True))
+        ]
         buffers = {id(a._alloc): a._alloc for a in args if isinstance(a, ndarray)}
         before = {key: al.data().copy() for key, al in buffers.items()}
         results = []
         for order, seed in config.orders:
             for key, al in buffers.items():
                 al.data()[...] = before[key]
-            err = self.lib.launch(k, g, b, packed, shared_mem=shared_mem, order=ORDERS[order], seed=seed)
+            err = self.lib.launch(
+                k, g, b, packed, shared_mem=shared_mem, order=ORDERS[order], seed=seed
+            )
             if err:
                 raise SimError(f"{k.name} grid={g} block={b} ({order} order): {err}")
             for al in _allocations:
@@ -407,14 +446,19 @@ class RawKernel:
         for other, (order, _) in zip(results[1:], config.orders[1:], strict=True):
             for key in buffers:
                 if not np.array_equal(results[0][key], other[key]):
-                    index = [i for i, a in enumerate(args) if isinstance(a, ndarray) and id(a._alloc) == key]
+                    index = [
+                        i
+                        for i, a in enumerate(args)
+                        if isinstance(a, ndarray) and id(a._alloc) == key
+                    ]
                     first = int(np.flatnonzero(results[0][key] != other[key])[0])
                     raise SimError(
                         f"{k.name} grid={g} block={b}: a race: argument(s) {index} differ between "
                         f"the {config.orders[0][0]} and {order} orders (first at byte {first})"
                     )
-        config.launches.append({"kernel": k.name, "grid": g, "block": b, "cluster": c,
-                                "options": self.lib.path.name})
+        config.launches.append(
+            {"kernel": k.name, "grid": g, "block": b, "cluster": c, "options": self.lib.path.name}
+        )
 
 
 # --- the module objects --------------------------------------------------------------------
@@ -435,20 +479,43 @@ class Stream:
 
 
 def _device_properties(device: int) -> dict[str, Any]:
-    return {"multiProcessorCount": config.multiprocessors, "maxThreadsPerBlock": 1024,
-            "sharedMemPerBlock": 48 * 1024, "major": config.compute_capability[device] // 10,
-            "minor": config.compute_capability[device] % 10}
+    return {
+        "multiProcessorCount": config.multiprocessors,
+        "maxThreadsPerBlock": 1024,
+        "sharedMemPerBlock": 48 * 1024,
+        "major": config.compute_capability[device] // 10,
+        "minor": config.compute_capability[device] % 10,
+    }
 
 
 def _make_modules() -> tuple[types.ModuleType, types.ModuleType]:
     cp = types.ModuleType("cupy")
     cp.__dict__.update(
-        ndarray=ndarray, asarray=asarray, ascontiguousarray=ascontiguousarray, empty=empty,
-        empty_like=empty_like, zeros=zeros, zeros_like=zeros_like, full=full,
-        RawModule=RawModule, RawKernel=RawKernel, __version__="13.0.0-sim",
-        int8=np.int8, int16=np.int16, int32=np.int32, int64=np.int64, uint8=np.uint8,
-        uint16=np.uint16, uint32=np.uint32, uint64=np.uint64, float16=np.float16,
-        float32=np.float32, float64=np.float64, bool_=np.bool_, dtype=np.dtype, nan=np.nan,
+        ndarray=ndarray,
+        asarray=asarray,
+        ascontiguousarray=ascontiguousarray,
+        empty=empty,
+        empty_like=empty_like,
+        zeros=zeros,
+        zeros_like=zeros_like,
+        full=full,
+        RawModule=RawModule,
+        RawKernel=RawKernel,
+        __version__="13.0.0-sim",
+        int8=np.int8,
+        int16=np.int16,
+        int32=np.int32,
+        int64=np.int64,
+        uint8=np.uint8,
+        uint16=np.uint16,
+        uint32=np.uint32,
+        uint64=np.uint64,
+        float16=np.float16,
+        float32=np.float32,
+        float64=np.float64,
+        bool_=np.bool_,
+        dtype=np.dtype,
+        nan=np.nan,
     )
     cuda = types.ModuleType("cupy.cuda")
     runtime = types.SimpleNamespace(
@@ -458,8 +525,13 @@ def _make_modules() -> tuple[types.ModuleType, types.ModuleType]:
         memGetInfo=lambda: (1 << 30, 1 << 30),
     )
     driver = types.SimpleNamespace(CUDADriverError=CUDADriverError)
-    cuda.__dict__.update(Device=Device, runtime=runtime, driver=driver, Stream=Stream,
-                         get_current_stream=lambda: Stream())
+    cuda.__dict__.update(
+        Device=Device,
+        runtime=runtime,
+        driver=driver,
+        Stream=Stream,
+        get_current_stream=lambda: Stream(),
+    )
     cp.cuda = cuda
 
     # The array-API namespace that array_api_compat would give for CuPy arrays: NumPy's,
