@@ -342,7 +342,7 @@ class RawModule:
             self._lib = build.build(self.code, self.options, name="module.cu")
         if name not in self._lib.kernels:
             raise CUDADriverError(500, f"named symbol not found: {name}")
-        return RawKernel(self._lib, self._lib.kernels[name], config.current)
+        return RawKernel(self._lib, self._lib.kernels[name], config.current, self.options)
 
 
 def _pack(arg: Any, size: int, kind: int, i: int, name: str) -> Any:
@@ -380,7 +380,10 @@ def _pack(arg: Any, size: int, kind: int, i: int, name: str) -> Any:
 
 
 class RawKernel:
-    def __init__(self, lib: build.Library, kernel: build.Kernel, device: int) -> None:
+    def __init__(
+        self, lib: build.Library, kernel: build.Kernel, device: int, options: tuple[str, ...] = ()
+    ) -> None:
+        self.options = options
         self.lib = lib
         self.kernel = kernel
         self.device = device
@@ -457,7 +460,13 @@ class RawKernel:
                         f"the {config.orders[0][0]} and {order} orders (first at byte {first})"
                     )
         config.launches.append(
-            {"kernel": k.name, "grid": g, "block": b, "cluster": c, "options": self.lib.path.name}
+            {
+                "kernel": k.name,
+                "grid": g,
+                "block": b,
+                "cluster": c,
+                "options": " ".join(self.options),
+            }
         )
 
 
