@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
 from . import fakecupy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_cache(request: pytest.FixtureRequest) -> None:
+    """Compiled specialisations live in the pytest cache (else a temporary directory)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None and "GRADCORE_CUDA_SIM_CACHE" not in os.environ:
+        os.environ["GRADCORE_CUDA_SIM_CACHE"] = str(cache.mkdir("cuda_sim"))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701
 CUDA_ERROR_NOT_SUPPORTED = 801
 CUDA_ERROR_INVALID_CLUSTER_SIZE = 912
 
-ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2, "warps": 3}
 
 
 class SimError(AssertionError):
@@ -56,7 +56,7 @@ class Config:
     def __init__(self) -> None:
         self.compute_capability = [90, 90]
         self.multiprocessors = 132
-        self.orders: list[tuple[str, int]] = [("forward", 0), ("reverse", 0)]
+        self.orders: list[tuple[str, int]] = [("forward", 0), ("warps", 0)]
         self.fail_launches: list[tuple[str, int]] = []  # (kernel name, status), injected
         self.launches: list[dict[str, Any]] = []
         self.get_function_calls = 0
@@ -93,6 +93,10 @@ class _Allocation:
             where_text = ", ".join(where)
             return f"out-of-bounds write into an allocation of {self.nbytes} bytes ({where_text})"
         return None
+
+    def repair(self) -> None:
+        self.raw[: self.start] = CANARY
+        self.raw[self.start + self.nbytes :] = CANARY
 
     def data(self) -> np.ndarray:
         return self.raw[self.start : self.start + self.nbytes]
@@ -441,9 +445,10 @@ class RawKernel:
             )
             if err:
                 raise SimError(f"{k.name} grid={g} block={b} ({order} order): {err}")
-            for al in _allocations:
+            for al in list(_allocations):
                 bad = al.check()
                 if bad:
+                    al.repair()  # reported once, not again by every later launch
                     raise SimError(f"{k.name} grid={g} block={b} ({order} order): {bad}")
             results.append({key: al.data().copy() for key, al in buffers.items()})
         for other, (order, _) in zip(results[1:], config.orders[1:], strict=True):
@@ -575,8 +580,9 @@ _MODULES = _make_modules()
 def installed(monkeypatch: Any) -> Iterator[types.ModuleType]:
     """Install the stand-in as ``cupy`` (and its array-API namespace) inside the block,
     with a fresh :data:`config`, and point ``gradcore.backends.cupy`` at it."""
-    global config
+    global config, _allocations
     config = Config()
+    _allocations = weakref.WeakSet()
     cp, ns = _MODULES
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setitem(sys.modules, "array_api_compat.cupy", ns)

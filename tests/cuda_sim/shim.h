@@ -89,7 +89,7 @@ static const size_t kStack = 64 * 1024;
 struct Launch {
     dim3 grid, block, cluster;
     size_t dynamic_shared = 0;
-    int order = 0;  // 0 forward, 1 reverse, 2 shuffle
+    int order = 0;  // 0 forward, 1 reverse, 2 shuffle, 3 warp at a time (last first)
     std::mt19937_64 rng;
     unsigned char poison = 0xff;
     std::vector<Block> blocks;  // the cluster running now
@@ -467,11 +467,41 @@ static void run_cluster() {
         }
     }
     while (true) {
-        order(runnable);
-        for (Thread* t : runnable) {
-            g_cur = t;
-            swapcontext(&L.sched, &t->ctx);
-            if (!L.error.empty()) return;
+        if (L.order == 3) {
+            // Warp at a time, last warp first: each warp runs (its shuffles released at
+            // once) until it waits at a block or cluster barrier, as if the others were
+            // descheduled. A slot reused too early, or a missing __syncthreads, shows.
+            std::vector<Thread*> later;
+            std::sort(runnable.begin(), runnable.end(), [](Thread* a, Thread* b) {
+                return a->blk->rank != b->blk->rank ? a->blk->rank > b->blk->rank
+                                                    : a->linear / 32 > b->linear / 32;
+            });
+            for (size_t i = 0; i < runnable.size();) {
+                Block& b = *runnable[i]->blk;
+                const int w0 = runnable[i]->linear & ~31;
+                std::vector<Thread*> warp;
+                for (; i < runnable.size() && runnable[i]->blk == &b &&
+                       (runnable[i]->linear & ~31) == w0;
+                     ++i)
+                    warp.push_back(runnable[i]);
+                while (!warp.empty()) {
+                    for (Thread* t : warp) {
+                        g_cur = t;
+                        swapcontext(&L.sched, &t->ctx);
+                        if (!L.error.empty()) return;
+                    }
+                    warp.clear();
+                    finish_warp(b, w0, warp);
+                    if (!L.error.empty()) return;
+                }
+            }
+        } else {
+            order(runnable);
+            for (Thread* t : runnable) {
+                g_cur = t;
+                swapcontext(&L.sched, &t->ctx);
+                if (!L.error.empty()) return;
+            }
         }
         runnable.clear();
         release(runnable);
@@ -612,7 +642,7 @@ extern "C" int sim_launch(int kernel, const unsigned* grid, const unsigned* bloc
     for (unsigned z = 0; z < L.grid.z; z += L.cluster.z)
         for (unsigned y = 0; y < L.grid.y; y += L.cluster.y)
             for (unsigned x = 0; x < L.grid.x; x += L.cluster.x) origins.push_back({x, y, z});
-    if (order == 1) std::reverse(origins.begin(), origins.end());
+    if (order == 1 || order == 3) std::reverse(origins.begin(), origins.end());
     if (order == 2) std::shuffle(origins.begin(), origins.end(), L.rng);
     for (const dim3& o : origins) {
         L.blocks.clear();

@@ -113,7 +113,8 @@ def test_xent_every_option_float32(sim: Any, variant: str, label_kind: str, redu
             sim, variant, x, y, "float32", weight=w, out=out, check_labels=False, **kw
         )
         assert grad is out
-        assert isinstance(loss, sim.ndarray) and loss.dtype == np.float32
+        assert isinstance(loss, sim.ndarray)
+        assert loss.dtype == np.float32
         what = f"{variant} {label_kind} w={weighted} eps={eps} z={z} {reduction}"
         ref_loss, ref_grad = ref_xent(x64, y, weight=w, **kw)  # type: ignore[arg-type]
         close(grad.get(), ref_grad, "float32", "grad " + what)
@@ -240,13 +241,20 @@ def test_xent_zero_divisor_is_pytorchs(sim: Any, variant: str) -> None:
                 sim, variant, x, y, "float32", weight=weight, label_smoothing=eps, z_loss=z
             )
             what = f"{variant} y={y.tolist()} eps={eps} z={z}"
-            assert np.isnan(float(loss.get())) and np.isnan(t_loss), what
+            assert np.isnan(float(loss.get())), what
+            assert np.isnan(t_loss), what
             np.testing.assert_array_equal(np.isnan(grad.get()), np.isnan(t_grad), err_msg=what)
             np.testing.assert_array_equal(grad.get()[y == -100], 0.0, err_msg=what)
             ref_loss, ref_grad = ref_xent(
-                x.astype(np.float64), y, weight=weight, label_smoothing=eps, z_loss=z
+                x.astype(np.float64),
+                y,
+                weight=weight,
+                label_smoothing=eps,
+                z_loss=z,
+                reduction="mean",
             )
             np.testing.assert_array_equal(np.isnan(ref_grad), np.isnan(t_grad), err_msg=what)
+            assert np.isnan(ref_loss), what
 
 
 @pytest.mark.parametrize("variant", ["warp", "online"])
@@ -275,9 +283,11 @@ def test_xent_labels_converted_on_the_logits_device(sim: Any) -> None:
         dx, dy = sim.asarray(x), sim.asarray(y)
     assert fakecupy.config.current == 0
     loss, grad = gradcore.softmax_cross_entropy(dx, dy)
-    assert grad.device.id == 1 and loss.device.id == 1
+    assert grad.device.id == 1
+    assert loss.device.id == 1
     ref_loss, ref_grad = ref_xent(x.astype(np.float64), y.astype(np.int64))
     close(grad.get(), ref_grad, "float32", "grad")
+    close(loss.get(), ref_loss, "float32", "loss")
 
 
 def test_cluster_fallback_only_on_cluster_errors(sim: Any) -> None:
