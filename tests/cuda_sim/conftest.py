@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
-from . import fakecupy
+from . import build, fakecupy
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,5 +23,7 @@ def _build_cache(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The simulated ``cupy`` module, installed for the test (fresh configuration)."""
+    if shutil.which(build.CXX) is None:
+        pytest.skip(f"the CUDA simulator needs a C++ compiler ({build.CXX} is not on the PATH)")
     with fakecupy.installed(monkeypatch) as cp:
         yield cp
