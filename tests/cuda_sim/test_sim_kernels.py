@@ -470,3 +470,22 @@ def test_bce_integer_targets_in_place(sim: Any, target_dtype: str) -> None:
     ref_loss, ref_grad = ref_pointwise("bce", x, t.astype(np.float64))
     close(grad.get(), ref_grad, "float32", "grad")
     close(loss.get(), ref_loss, "float32", "loss")
+
+
+@pytest.mark.parametrize(("offset", "C", "vec"), [(0, 64, 4), (1, 64, 1), (2, 64, 2), (0, 66, 2)])
+def test_xent_vector_width_follows_alignment_and_pitch(
+    sim: Any, offset: int, C: int, vec: int
+) -> None:
+    """A view 4 or 8 bytes past an aligned address, or rows whose pitch is not a multiple
+    of 4 elements: narrower vectors, the same values."""
+    rng = np.random.default_rng(40 + offset)
+    x = rng.standard_normal((3, C)).astype(np.float32)
+    y = rng.integers(0, C, 3)
+    buf = sim.zeros(3 * C + 8, dtype=np.float32)
+    view = buf[offset : offset + 3 * C].reshape(3, C)
+    view[...] = sim.asarray(x)
+    loss, grad = gradcore.softmax_cross_entropy(view, sim.asarray(y))
+    assert f"-DVEC={vec}" in _rows_options(-1)
+    ref_loss, ref_grad = ref_xent(x.astype(np.float64), y)
+    close(grad.get(), ref_grad, "float32", "grad")
+    close(loss.get(), ref_loss, "float32", "loss")
