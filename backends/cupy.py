@@ -133,6 +133,7 @@ def choose_xent_launch(
     soft: bool,
     cluster_ok: bool,
     force: str | None = None,
+    softcap: bool = False,
 ) -> XentLaunch:
     """Pick the kernel variant that holds a row of ``n_cols`` classes on chip.
 
@@ -148,6 +149,8 @@ def choose_xent_launch(
         Whether the device supports thread-block clusters (compute capability >= 9.0).
     force : str, optional
         One of :data:`XENT_VARIANTS`, for tests; ``ValueError`` if the row cannot fit it.
+    softcap : bool
+        Soft-capped logits keep their tanh in registers too, which halves the room again.
 
     Returns
     -------
@@ -160,7 +163,7 @@ def choose_xent_launch(
         raise ValueError(f"need at least one row and one class, got {n_rows}x{n_cols}")
     if force is not None and force not in XENT_VARIANTS:
         raise ValueError(f"force must be one of {XENT_VARIANTS}, got {force!r}")
-    budget = REGISTER_FLOATS // (2 if soft else 1)
+    budget = REGISTER_FLOATS // (2 if soft else 1) // (2 if softcap else 1)
     vecs = -(-n_cols // vec)  # vectors per row
 
     def warp() -> XentLaunch | None:
@@ -380,6 +383,7 @@ def _xent(
     weight: Any,
     out: Any,
     inplace: bool,
+    softcap: float | None = None,
 ) -> Any:
     if args.axis != logits.ndim - 1 or logits.size == 0:
         return NotImplemented
@@ -427,6 +431,7 @@ def _xent(
             soft=args.soft,
             cluster_ok=cc >= 90 and device_id not in _no_clusters,
             force=getattr(_forced, "variant", None),
+            softcap=softcap is not None,
         )
         if launch.grid > MAX_GRID:
             return NotImplemented
@@ -437,6 +442,7 @@ def _xent(
             "TARGET_KIND": target_kind,
             "HAS_WEIGHT": int(w is not None),
             "REDUCTION": reduction,
+            "SOFTCAP": int(softcap is not None),
         }
         defines = {**options, **launch.defines()}
         denom = cupy.empty(1, dtype=cupy.float32)
@@ -474,6 +480,7 @@ def _xent(
             np.int64(args.ignore_index),
             np.float32(args.label_smoothing),
             np.float32(args.z_loss),
+            np.float32(0.0 if softcap is None else softcap),
         )
         kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
         try:
@@ -491,7 +498,13 @@ def _xent(
                 raise
             _no_clusters.add(device_id)
             launch = choose_xent_launch(
-                n_rows, n_cols, vec=vec, soft=args.soft, cluster_ok=False, force="online"
+                n_rows,
+                n_cols,
+                vec=vec,
+                soft=args.soft,
+                cluster_ok=False,
+                force="online",
+                softcap=softcap is not None,
             )
             defines = {**options, **launch.defines()}
             kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
@@ -523,10 +536,11 @@ def softmax_cross_entropy(
 ) -> Any:
     """Fused CUDA softmax cross-entropy; see :func:`gradcore.softmax_cross_entropy`.
 
-    ``softcap`` (logit soft-capping) is not in the kernel yet: the generic path runs.
+    ``softcap=c`` (Gemma 2 logit soft-capping) replaces each logit ``z`` by
+    ``c * tanh(z / c)`` before the loss and multiplies its gradient by
+    ``1 - tanh(z / c)**2``.
     """
-    if softcap is not None:
-        return NotImplemented
+    softcap = _check_softcap(softcap)
     xp = get_namespace(logits, labels, weight, out)
     args = _validate_xent(
         logits,
@@ -545,7 +559,19 @@ def softmax_cross_entropy(
     kind = FLOAT_KINDS.get(_dtype_name(logits.dtype))
     if kind is None:
         return NotImplemented
-    return _xent(logits, labels, args, kind, weight, out, inplace)
+    return _xent(logits, labels, args, kind, weight, out, inplace, softcap)
+
+
+def _check_softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+    return value
 
 
 def softmax_cross_entropy_bf16(
@@ -579,8 +605,7 @@ def softmax_cross_entropy_bf16(
     """
     if cupy is None or not isinstance(logits, cupy.ndarray):
         raise TypeError("softmax_cross_entropy_bf16 needs a CuPy array of bfloat16 bits")
-    if softcap is not None:
-        raise ValueError("softcap is not supported by the CUDA kernel yet; leave it at None")
+    softcap = _check_softcap(softcap)
     if _dtype_name(logits.dtype) not in ("uint16", "int16"):
         raise TypeError(
             f"logits must be a uint16 or int16 array of bfloat16 bits, got {logits.dtype}"
@@ -605,7 +630,7 @@ def softmax_cross_entropy_bf16(
         inplace=inplace,
         xp=xp,
     )
-    result = _xent(logits, labels, args, FLOAT_KINDS["bfloat16"], weight, out, inplace)
+    result = _xent(logits, labels, args, FLOAT_KINDS["bfloat16"], weight, out, inplace, softcap)
     if result is NotImplemented:
         raise ValueError(
             "softmax_cross_entropy_bf16 needs C-contiguous logits (and out) with the class "

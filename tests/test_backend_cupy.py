@@ -58,10 +58,12 @@ def _xent_define_sets(arch: str) -> list[tuple[str, dict[str, int]]]:
             soft = label == 2
             sizes = [size, size] + ([tsize] if soft else [])
             vec = gcp.vector_width(n_cols, sizes, [256] * len(sizes))
+            softcap = pick % 2 == 1  # soft-capping in half the builds
             launch = gcp.choose_xent_launch(
-                3, n_cols, vec=vec, soft=soft, cluster_ok=True, force=variant
+                3, n_cols, vec=vec, soft=soft, cluster_ok=True, force=variant, softcap=softcap
             )
             defines = {
+                "SOFTCAP": int(softcap),
                 "LOGIT_KIND": logit,
                 "LABEL_KIND": label,
                 "TARGET_KIND": target,
@@ -114,7 +116,7 @@ def test_compile_sets_cover_every_option() -> None:
     for arch in ("sm_80", "sm_90"):
         for variant, defines in _xent_define_sets(arch):
             seen.setdefault("VARIANT", set()).add(gcp.XENT_VARIANTS.index(variant))
-            for key in ("LOGIT_KIND", "LABEL_KIND", "HAS_WEIGHT", "REDUCTION"):
+            for key in ("LOGIT_KIND", "LABEL_KIND", "HAS_WEIGHT", "REDUCTION", "SOFTCAP"):
                 seen.setdefault(key, set()).add(defines[key])
     assert seen == {
         "VARIANT": {0, 1, 2, 3},
@@ -122,6 +124,7 @@ def test_compile_sets_cover_every_option() -> None:
         "LABEL_KIND": {0, 1, 2},
         "HAS_WEIGHT": {0, 1},
         "REDUCTION": {0, 1, 2},
+        "SOFTCAP": {0, 1},
     }
 
 

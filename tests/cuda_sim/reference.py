@@ -17,8 +17,11 @@ def ref_xent(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: str = "mean",
+    softcap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """torch.nn.functional.cross_entropy semantics plus z-loss, in float64.
+
+    ``softcap=c``: the loss of ``c * tanh(x / c)``, its gradient chained through the cap.
 
     ``0 * log 0`` is 0: a ``-inf`` logit where the target (or its one-hot, or its class
     weight) is 0 contributes nothing. The mean's divisor (the class weights of the rows
@@ -27,6 +30,11 @@ def ref_xent(
     gradient, ignored rows a zero one.
     """
     x = x.astype(np.float64)
+    cap_factor = 1.0
+    if softcap is not None:
+        th = np.tanh(x / softcap)
+        x = softcap * th
+        cap_factor = 1.0 - th * th
     C = x.shape[-1]
     eps = label_smoothing
     w = np.ones(C) if weight is None else weight.astype(np.float64)
@@ -71,7 +79,7 @@ def ref_xent(
             loss = np.asarray(row.sum())
         else:
             loss = row
-    grad = np.where(bad[..., None], np.nan, grad)
+    grad = np.where(bad[..., None], np.nan, grad * cap_factor)
     loss = np.where(bad, np.nan, loss) if reduction == "none" else loss
     if reduction != "none" and bad.any():
         loss = np.asarray(np.nan)

@@ -368,12 +368,61 @@ def test_pointwise_output_overlapping_an_input_is_refused(sim: Any) -> None:
         gradcore.mse(sim.asarray(np.zeros(32, np.float32)), t, weight=w, out=w)
 
 
-def test_softcap_is_left_to_the_generic_path(sim: Any) -> None:
-    x = sim.asarray(np.zeros((2, 5), dtype=np.float32))
-    y = sim.asarray(np.array([0, 1]))
-    assert gcp.softmax_cross_entropy(x, y, softcap=30.0) is NotImplemented
-    with pytest.raises(ValueError, match="softcap"):
-        gcp.softmax_cross_entropy_bf16(sim.asarray(np.zeros((2, 4), np.uint16)), y, softcap=30.0)
+@pytest.mark.parametrize("label_kind", ["int64", "soft"])
+@pytest.mark.parametrize("variant", list(SHAPES))
+def test_xent_softcap(sim: Any, variant: str, label_kind: str) -> None:
+    """Gemma 2 soft-capping, c * tanh(z / c), against the reference and PyTorch autograd
+    through the cap; -inf logits are capped to -c (their gradient is 0)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(50 + list(SHAPES).index(variant))
+    n, C = SHAPES[variant]
+    x64, x = _logits(rng, (n, C), "float32")
+    x[0, :3] = [60.0, -45.0, 25.0]  # past the cap
+    x64 = x.astype(np.float64)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    if label_kind == "soft":
+        y = rng.dirichlet(np.ones(C), size=n).astype(np.float32)
+        kw: dict[str, Any] = dict(reduction="sum", label_smoothing=0.1)
+    else:
+        y = _hard_labels(rng, x, "int64", bad=False)
+        kw = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3)
+    with gcp.force_xent_variant(variant):
+        loss, grad = gcp.softmax_cross_entropy(
+            sim.asarray(x), sim.asarray(y), weight=sim.asarray(w), softcap=30.0, **kw
+        )
+    ref_loss, ref_grad = ref_xent(x64, y, weight=w, softcap=30.0, **kw)
+    close(grad.get(), ref_grad, "float32", f"grad {variant} {label_kind}")
+    close(loss.get(), ref_loss, "float32", f"loss {variant} {label_kind}")
+    assert np.all(grad.get()[1][np.isinf(x[1])] == 0.0)
+    if "z_loss" not in kw:  # PyTorch has no z-loss
+        t = torch.tensor(x64, requires_grad=True)
+        capped = 30.0 * torch.tanh(t / 30.0)
+        target = torch.tensor(y.astype(np.float64)) if label_kind == "soft" else torch.tensor(y)
+        tl = torch.nn.functional.cross_entropy(
+            capped, target, weight=torch.tensor(w, dtype=torch.float64), **kw
+        )
+        tl.backward()
+        close(grad.get(), t.grad.numpy(), "float32", "grad vs torch")
+        close(loss.get(), tl.detach().numpy(), "float32", "loss vs torch")
+
+
+def test_softcap_bf16_and_validation(sim: Any) -> None:
+    rng = np.random.default_rng(60)
+    x = bf16_bits((rng.standard_normal((5, 64)) * 20).astype(np.float32))
+    y = rng.integers(0, 64, 5)
+    loss, grad = gcp.softmax_cross_entropy_bf16(
+        sim.asarray(x), sim.asarray(y), softcap=15.0, reduction="none"
+    )
+    ref_loss, ref_grad = ref_xent(
+        bf16_values(x).astype(np.float64), y, softcap=15.0, reduction="none"
+    )
+    close(_host(grad, "bfloat16"), ref_grad, "bfloat16", "grad")
+    assert_rounded_to_nearest_even(grad.get(), ref_grad, "bfloat16", "grad", cancel=1e-10)
+    assert_rounded_to_nearest_even(loss.get(), ref_loss, "bfloat16", "loss")
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        gcp.softmax_cross_entropy(sim.asarray(x.view(np.float16)), sim.asarray(y), softcap=0.0)
+    with pytest.raises(TypeError, match="softcap must be a float"):
+        gcp.softmax_cross_entropy(sim.asarray(x.view(np.float16)), sim.asarray(y), softcap="x")
 
 
 # --- MSE and BCE ---------------------------------------------------------------------------
