@@ -200,3 +200,63 @@ def test_argument_sizes_and_launch_limits_are_checked(sim: Any) -> None:
         rows_kernel((1,), (launch.block * 2,), ())
     with pytest.raises(fakecupy.CUDADriverError, match="block"):
         rows_kernel((1,), (2048,), ())
+
+
+_TINY = r"""
+typedef long long i64;
+extern "C" __global__ void __launch_bounds__(64)
+to_half(const float* in, unsigned short* out, float* back, i64 n) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(in[i]));
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    out[i] = h;
+    back[i] = f;
+}
+extern "C" __global__ void divergent(float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = 1.0f;
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = s[63 - threadIdx.x];
+}
+extern "C" __global__ void lane_outside_mask(float* out) {
+    float v = threadIdx.x;
+    if (threadIdx.x < 16) v = __shfl_xor_sync(0x0000ffffu, v, 16);
+    out[threadIdx.x] = v;
+}
+"""
+
+
+def test_half_conversions_round_to_nearest_even(sim: Any) -> None:
+    """The shim's cvt.rn.f16.f32 against NumPy's float16 (round to nearest even): ties,
+    subnormals, overflow to infinity, NaN."""
+    half = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float32)
+    nxt = np.nextafter(half.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    ties = (half + nxt) / 2  # exactly halfway between two float16
+    values = np.concatenate(
+        [ties, -ties, ties * (1 + 2**-20), [65504.0, 65520.0, 1e6, -1e6, np.inf, 2.0**-25]]
+    ).astype(np.float32)
+    kernel = sim.RawModule(code=_TINY).get_function("to_half")
+    n = values.size
+    out = sim.empty(n, dtype=np.uint16)
+    back = sim.empty(n, dtype=np.float32)
+    kernel(((n + 63) // 64,), (64,), (sim.asarray(values), out, back, np.int64(n)))
+    with np.errstate(over="ignore"):  # 65520 and beyond round to infinity
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(out.get(), expected.view(np.uint16))
+    np.testing.assert_array_equal(back.get(), expected.astype(np.float32))
+
+
+def test_divergent_barriers_and_masks_are_reported(sim: Any) -> None:
+    module = sim.RawModule(code=_TINY)
+    out = sim.zeros(64, dtype=np.float32)
+    with pytest.raises(fakecupy.SimError, match=r"(?s)divergent __syncthreads.*threads 0-15"):
+        module.get_function("divergent")((1,), (64,), (out,))
+    with pytest.raises(fakecupy.SimError, match="not in mask 0x0000ffff"):
+        module.get_function("lane_outside_mask")((1,), (32,), (out,))
