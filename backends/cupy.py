@@ -294,10 +294,11 @@ def _kernel(filename: str, name: str, defines: dict[str, int], device_id: int) -
             source = (CUDA_DIR / filename).read_text()
             module = cupy.RawModule(code=source, options=options)
             _modules[key] = module
-        kernel = _kernels.get((*key, name))
+        kernel_key = (filename, options, device_id, name)
+        kernel = _kernels.get(kernel_key)
         if kernel is None:
             kernel = module.get_function(name)
-            _kernels[(*key, name)] = kernel
+            _kernels[kernel_key] = kernel
     return kernel
 
 
