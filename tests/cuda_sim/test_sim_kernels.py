@@ -188,6 +188,7 @@ def test_xent_16_bit_logits_round_to_nearest_even(sim: Any, variant: str, dtype:
         (1026, 90, "VARIANT=1"),  # one more vector: a block
         (16386, 90, "VARIANT=2"),  # past 512 threads * 32 floats: a cluster of 2
         (16386, 80, "VARIANT=3"),  # no clusters before sm_90: online
+        (131076, 90, "VARIANT=3"),  # past 8 blocks * 512 threads * 32 floats: online
     ],
 )
 def test_xent_automatic_choice_across_thresholds(sim: Any, C: int, cc: int, expected: str) -> None:
@@ -536,5 +537,20 @@ def test_xent_vector_width_follows_alignment_and_pitch(
     loss, grad = gradcore.softmax_cross_entropy(view, sim.asarray(y))
     assert f"-DVEC={vec}" in _rows_options(-1)
     ref_loss, ref_grad = ref_xent(x.astype(np.float64), y)
+    close(grad.get(), ref_grad, "float32", "grad")
+    close(loss.get(), ref_loss, "float32", "loss")
+
+
+def test_pointwise_second_stage_over_more_than_1024_partials(sim: Any) -> None:
+    """132 multiprocessors: 1026 blocks, so the single-block second stage strides over
+    more partial sums than it has threads."""
+    rng = np.random.default_rng(70)
+    n = 1025 * 256 + 1  # odd: vector width 1
+    x = rng.standard_normal(n).astype(np.float32)
+    t = rng.standard_normal(n).astype(np.float32)
+    loss, grad = gradcore.mse(sim.asarray(x), sim.asarray(t), reduction="sum")
+    launch = [la for la in fakecupy.config.launches if la["kernel"] == "pointwise_loss"][-1]
+    assert launch["grid"][0] > 1024
+    ref_loss, ref_grad = ref_pointwise("mse", x, t, reduction="sum")
     close(grad.get(), ref_grad, "float32", "grad")
     close(loss.get(), ref_loss, "float32", "loss")
