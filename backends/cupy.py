@@ -539,9 +539,13 @@ def softmax_cross_entropy(
 
     ``softcap=c`` (Gemma 2 logit soft-capping) replaces each logit ``z`` by
     ``c * tanh(z / c)`` before the loss and multiplies its gradient by
-    ``1 - tanh(z / c)**2``.
+    ``1 - tanh(z / c)**2``. An invalid ``softcap`` is left to the generic path, so that
+    its error is the generic one.
     """
-    softcap = _check_softcap(softcap)
+    try:
+        softcap = _check_softcap(softcap)
+    except (TypeError, ValueError):
+        return NotImplemented
     xp = get_namespace(logits, labels, weight, out)
     args = _validate_xent(
         logits,

@@ -420,10 +420,14 @@ def test_softcap_bf16_and_validation(sim: Any) -> None:
     close(_host(grad, "bfloat16"), ref_grad, "bfloat16", "grad")
     assert_rounded_to_nearest_even(grad.get(), ref_grad, "bfloat16", "grad", cancel=1e-10)
     assert_rounded_to_nearest_even(loss.get(), ref_loss, "bfloat16", "loss")
+    # The dispatched fast path leaves invalid values to the generic path (its errors);
+    # the bf16 entry point, which has no generic twin, raises.
+    as_half = sim.asarray(x.view(np.float16))
+    assert gcp.softmax_cross_entropy(as_half, sim.asarray(y), softcap=0.0) is NotImplemented
     with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
-        gcp.softmax_cross_entropy(sim.asarray(x.view(np.float16)), sim.asarray(y), softcap=0.0)
+        gcp.softmax_cross_entropy_bf16(sim.asarray(x), sim.asarray(y), softcap=-1.0)
     with pytest.raises(TypeError, match="softcap must be a float"):
-        gcp.softmax_cross_entropy(sim.asarray(x.view(np.float16)), sim.asarray(y), softcap="x")
+        gcp.softmax_cross_entropy_bf16(sim.asarray(x), sim.asarray(y), softcap="x")
 
 
 # --- MSE and BCE ---------------------------------------------------------------------------
