@@ -484,6 +484,27 @@ def test_xent_each_variant_and_dtype(variant: str, dtype: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(_VARIANT_SHAPES))
+def test_xent_softcap(variant: str) -> None:
+    """Gemma 2 soft-capping through the fast path (called directly: the generic
+    function may not take softcap=), bfloat16 bit for bit."""
+    cp = _cupy()
+    if variant == "cluster" and int(cp.cuda.Device().compute_capability) < 90:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    rng = np.random.default_rng(21)
+    n, C = _VARIANT_SHAPES[variant]
+    x_host, x = _make_logits(rng, (n, C), "bfloat16")
+    y_host = _labels(rng, n, C, "int64", bad=False)
+    kw = dict(label_smoothing=0.1, z_loss=1e-4, reduction="none", softcap=30.0)
+    with gcp.force_xent_variant(variant):
+        loss, grad = gcp.softmax_cross_entropy_bf16(x, cp.asarray(y_host), **kw)
+    ref_loss, ref_grad = ref_xent(x_host, y_host, **kw)  # type: ignore[arg-type]
+    _close(_to_host(grad, "bfloat16"), ref_grad, "bfloat16", f"grad {variant}")
+    _close(_to_host(loss, "bfloat16"), ref_loss, "bfloat16", f"loss {variant}")
+    assert_rounded_to_nearest_even(grad.get(), ref_grad, "bfloat16", "grad", cancel=1e-10)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_cols", [128256, 300007])
 def test_xent_long_rows_automatic_choice(n_cols: int, dtype: str) -> None:
