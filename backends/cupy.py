@@ -10,10 +10,17 @@ same on every path), then launches hand-written CUDA kernels from ``cuda/*.cu``:
     sm_90+ a thread-block cluster per row; a two-read online-softmax fallback for rows
     too long for any of them). The mean's divisor is computed on the device and the
     per-row losses are reduced in a fixed order into a 0-d device array: no host
-    synchronisation, bitwise reproducible results.
+    synchronisation, and bitwise reproducible results for the same shapes, device and
+    data-pointer alignment (the alignment picks the vector width, which changes the
+    order of the sums).
 ``mse``, ``binary_cross_entropy_with_logits``
     ``cuda/pointwise_losses.cu``: a grid-stride kernel with per-block partial sums and a
-    deterministic single-block second stage.
+    deterministic single-block second stage (bitwise reproducible for the same shapes,
+    device and data-pointer alignment).
+
+With ``out=`` or ``inplace=True``, a gradient buffer that overlaps another input (labels,
+targets, weights; or the logits other than exactly, as ``inplace`` does) is refused with a
+``ValueError``: the kernels read those inputs while they write the gradient.
 
 Kernels are specialised with ``#define``\ s (``-DNAME=VALUE`` options), compiled by
 NVRTC through :class:`cupy.RawModule` once per process, device and specialisation, and
@@ -65,6 +72,12 @@ XENT_VARIANTS = ("warp", "block", "cluster", "online")
 #: Floats one thread may hold in registers for a row (halved for soft targets, which
 #: are held too). 32 keeps a 512-thread block under 64 registers per thread or close.
 REGISTER_FLOATS = 32
+
+#: Most threads of a block that holds a row in registers. At 1024 threads a thread may
+#: use only 64 registers, and 32 floats of row plus the rest spill (ptxas -v for sm_90:
+#: 140 bytes at C = 32000); at 512 the kernel takes about 80 registers and spills none.
+#: Longer rows go to a cluster (sm_90+) or the online variant.
+MAX_ROW_BLOCK = 512
 
 #: Storage codes of the kernels' ``*_KIND`` defines.
 FLOAT_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -120,6 +133,7 @@ def choose_xent_launch(
     soft: bool,
     cluster_ok: bool,
     force: str | None = None,
+    softcap: bool = False,
 ) -> XentLaunch:
     """Pick the kernel variant that holds a row of ``n_cols`` classes on chip.
 
@@ -135,19 +149,21 @@ def choose_xent_launch(
         Whether the device supports thread-block clusters (compute capability >= 9.0).
     force : str, optional
         One of :data:`XENT_VARIANTS`, for tests; ``ValueError`` if the row cannot fit it.
+    softcap : bool
+        Soft-capped logits keep their tanh in registers too, which halves the room again.
 
     Returns
     -------
     XentLaunch
         Warp per row up to 32 registers-worth of floats per lane, then a block per row
-        (64 to 1024 threads), then on sm_90+ a cluster of 2 to 8 blocks, else the
-        two-read online fallback.
+        (64 to :data:`MAX_ROW_BLOCK` threads), then on sm_90+ a cluster of 2 to 8 blocks,
+        else the two-read online fallback.
     """
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"need at least one row and one class, got {n_rows}x{n_cols}")
     if force is not None and force not in XENT_VARIANTS:
         raise ValueError(f"force must be one of {XENT_VARIANTS}, got {force!r}")
-    budget = REGISTER_FLOATS // (2 if soft else 1)
+    budget = REGISTER_FLOATS // (2 if soft else 1) // (2 if softcap else 1)
     vecs = -(-n_cols // vec)  # vectors per row
 
     def warp() -> XentLaunch | None:
@@ -158,7 +174,7 @@ def choose_xent_launch(
         return XentLaunch("warp", 32 * rows_per_block, items, vec, 1, -(-n_rows // rows_per_block))
 
     def block() -> XentLaunch | None:
-        threads = min(max(_next_pow2(-(-n_cols // budget)), 64), 1024)
+        threads = min(max(_next_pow2(-(-n_cols // budget)), 64), MAX_ROW_BLOCK)
         items = -(-vecs // threads)
         if items * vec > budget:
             return None
@@ -167,18 +183,20 @@ def choose_xent_launch(
     def cluster() -> XentLaunch | None:
         if not cluster_ok:
             return None
-        for threads in (512, 1024):
-            # A power of two: 2, 4 or 8 blocks (8 is the portable maximum). Other sizes
-            # are legal on paper but have not been run here, so they are not used.
-            size = _next_pow2(max(2, -(-n_cols // (threads * budget))))
-            if size <= 8:
-                items = -(-vecs // (size * threads))
-                if items * vec <= budget:
-                    return XentLaunch("cluster", threads, items, vec, size, n_rows * size)
-        return None
+        threads = MAX_ROW_BLOCK  # 1024-thread blocks spill (28 bytes at C = 262144)
+        # A power of two: 2, 4 or 8 blocks (8 is the portable maximum). Other sizes are
+        # legal on paper but have not been run here, so they are not used.
+        size = _next_pow2(max(2, -(-n_cols // (threads * budget))))
+        if size > 8:
+            return None
+        items = -(-vecs // (size * threads))
+        if items * vec > budget:
+            return None
+        return XentLaunch("cluster", threads, items, vec, size, n_rows * size)
 
     def online() -> XentLaunch:
-        threads = min(max(_next_pow2(-(-vecs // 4)), 128), 1024)
+        # At most MAX_ROW_BLOCK threads too: at 1024 (64 registers) it spills 4 bytes.
+        threads = min(max(_next_pow2(-(-vecs // 4)), 128), MAX_ROW_BLOCK)
         return XentLaunch("online", threads, 1, vec, 1, n_rows)
 
     choices = {"warp": warp, "block": block, "cluster": cluster, "online": online}
@@ -241,6 +259,9 @@ def define_options(defines: dict[str, int]) -> tuple[str, ...]:
 # --- module cache and small CuPy helpers --------------------------------------------------
 
 _modules: dict[tuple[str, tuple[str, ...], int], Any] = {}
+#: RawKernel objects by (file, options, device, kernel name): get_function builds a new
+#: one on every call.
+_kernels: dict[tuple[str, tuple[str, ...], int, str], Any] = {}
 _modules_lock = threading.Lock()
 _forced = threading.local()
 #: Devices where a cluster launch was refused (see ``_xent``); they use the online variant.
@@ -263,16 +284,22 @@ def force_xent_variant(variant: str | None) -> Iterator[None]:
 
 def _kernel(filename: str, name: str, defines: dict[str, int], device_id: int) -> Any:
     options = define_options(defines)
+    kernel = _kernels.get((filename, options, device_id, name))
+    if kernel is not None:
+        return kernel
     key = (filename, options, device_id)
-    module = _modules.get(key)
-    if module is None:
-        with _modules_lock:
-            module = _modules.get(key)
-            if module is None:
-                source = (CUDA_DIR / filename).read_text()
-                module = cupy.RawModule(code=source, options=options)
-                _modules[key] = module
-    return module.get_function(name)
+    with _modules_lock:
+        module = _modules.get(key)
+        if module is None:
+            source = (CUDA_DIR / filename).read_text()
+            module = cupy.RawModule(code=source, options=options)
+            _modules[key] = module
+        kernel_key = (filename, options, device_id, name)
+        kernel = _kernels.get(kernel_key)
+        if kernel is None:
+            kernel = module.get_function(name)
+            _kernels[kernel_key] = kernel
+    return kernel
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -311,6 +338,41 @@ def _contiguous(x: Any) -> bool:
     return bool(x.flags.c_contiguous)
 
 
+def _span(x: Any) -> tuple[int, int]:
+    """``[start, end)`` device addresses of a C-contiguous array's elements."""
+    start = int(x.data.ptr)
+    return start, start + int(x.size) * int(x.dtype.itemsize)
+
+
+def _check_no_overlap(grad: Any, name: str, x: Any, inputs: Sequence[tuple[str, Any]]) -> None:
+    """``ValueError`` if the gradient buffer overlaps an input the kernel reads while it
+    writes: any of ``inputs``, or ``x`` other than exactly (``inplace``/``out=x``)."""
+    g0, g1 = _span(grad)
+    x0, x1 = _span(x)
+    if (g0, g1) != (x0, x1) and g0 < x1 and x0 < g1:
+        raise ValueError(
+            f"out overlaps {name} without being {name} itself; the kernel would read "
+            f"{name} after writing the gradient over it (pass a separate buffer, or "
+            "inplace=True)"
+        )
+    for input_name, a in inputs:
+        if a is None or int(a.size) == 0:
+            continue
+        a0, a1 = _span(a)
+        if g0 < a1 and a0 < g1:
+            what = "the gradient (out=)" if grad is not x else f"{name} (inplace=True)"
+            raise ValueError(
+                f"{what} overlaps {input_name}, which the kernel reads while it writes the "
+                f"gradient; pass {input_name} in a separate buffer"
+            )
+
+
+#: Driver errors with which a cluster launch is refused before anything ran (the only
+#: ones that switch a device to the online variant): CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+#: CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_INVALID_CLUSTER_SIZE.
+CLUSTER_REFUSED = frozenset({701, 801, 912})
+
+
 # --- softmax cross-entropy ---------------------------------------------------------------
 
 
@@ -322,6 +384,7 @@ def _xent(
     weight: Any,
     out: Any,
     inplace: bool,
+    softcap: float | None = None,
 ) -> Any:
     if args.axis != logits.ndim - 1 or logits.size == 0:
         return NotImplemented
@@ -343,17 +406,21 @@ def _xent(
         label_kind = 2
     else:
         target_kind = kind
-        name = _dtype_name(labels.dtype)
-        if name == "uint64":
+        if _dtype_name(labels.dtype) == "uint64":
             return NotImplemented  # past 2**63 it would wrap in int64; the generic compares
-        if name not in ("int32", "int64"):
-            labels = labels.astype(cupy.int64)
-        labels = cupy.ascontiguousarray(labels)
-        label_kind = 0 if labels.dtype == cupy.int32 else 1
 
+    # Everything allocated from here on (converted labels and weights included) must be
+    # on the logits' device, whichever device is current.
     with cupy.cuda.Device(device_id):
+        if not args.soft:
+            if _dtype_name(labels.dtype) not in ("int32", "int64"):
+                labels = labels.astype(cupy.int64)
+            labels = cupy.ascontiguousarray(labels)
+            label_kind = 0 if labels.dtype == cupy.int32 else 1
         w = None if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
         grad = logits if inplace else (out if out is not None else cupy.empty_like(logits))
+        if out is not None or inplace:
+            _check_no_overlap(grad, "logits", logits, [("labels", labels), ("weight", w)])
         arrays = [logits, grad] + ([labels] if args.soft else [])
         vec = vector_width(
             n_cols, [a.dtype.itemsize for a in arrays], [int(a.data.ptr) for a in arrays]
@@ -365,6 +432,7 @@ def _xent(
             soft=args.soft,
             cluster_ok=cc >= 90 and device_id not in _no_clusters,
             force=getattr(_forced, "variant", None),
+            softcap=softcap is not None,
         )
         if launch.grid > MAX_GRID:
             return NotImplemented
@@ -375,6 +443,7 @@ def _xent(
             "TARGET_KIND": target_kind,
             "HAS_WEIGHT": int(w is not None),
             "REDUCTION": reduction,
+            "SOFTCAP": int(softcap is not None),
         }
         defines = {**options, **launch.defines()}
         denom = cupy.empty(1, dtype=cupy.float32)
@@ -412,19 +481,31 @@ def _xent(
             np.int64(args.ignore_index),
             np.float32(args.label_smoothing),
             np.float32(args.z_loss),
+            np.float32(0.0 if softcap is None else softcap),
         )
         kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
         try:
             kernel((launch.grid,), (launch.block,), row_args)
-        except cupy.cuda.driver.CUDADriverError:
+        except cupy.cuda.driver.CUDADriverError as exc:
             # A cluster the driver refuses to schedule is reported by the launch call
             # itself, before anything has run: fall back to the online variant, and do
-            # not try clusters on this device again.
-            if launch.variant != "cluster" or getattr(_forced, "variant", None) is not None:
+            # not try clusters on this device again. Any other error (a sticky one left
+            # by an earlier kernel, say) is not about clusters and is raised.
+            if (
+                launch.variant != "cluster"
+                or getattr(_forced, "variant", None) is not None
+                or getattr(exc, "status", None) not in CLUSTER_REFUSED
+            ):
                 raise
             _no_clusters.add(device_id)
             launch = choose_xent_launch(
-                n_rows, n_cols, vec=vec, soft=args.soft, cluster_ok=False, force="online"
+                n_rows,
+                n_cols,
+                vec=vec,
+                soft=args.soft,
+                cluster_ok=False,
+                force="online",
+                softcap=softcap is not None,
             )
             defines = {**options, **launch.defines()}
             kernel = _kernel("softmax_xent.cu", "xent_rows", defines, device_id)
@@ -452,8 +533,19 @@ def softmax_cross_entropy(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
 ) -> Any:
-    """Fused CUDA softmax cross-entropy; see :func:`gradcore.softmax_cross_entropy`."""
+    """Fused CUDA softmax cross-entropy; see :func:`gradcore.softmax_cross_entropy`.
+
+    ``softcap=c`` (Gemma 2 logit soft-capping) replaces each logit ``z`` by
+    ``c * tanh(z / c)`` before the loss and multiplies its gradient by
+    ``1 - tanh(z / c)**2``. An invalid ``softcap`` is left to the generic path, so that
+    its error is the generic one.
+    """
+    try:
+        softcap = _check_softcap(softcap)
+    except (TypeError, ValueError):
+        return NotImplemented
     xp = get_namespace(logits, labels, weight, out)
     args = _validate_xent(
         logits,
@@ -472,7 +564,19 @@ def softmax_cross_entropy(
     kind = FLOAT_KINDS.get(_dtype_name(logits.dtype))
     if kind is None:
         return NotImplemented
-    return _xent(logits, labels, args, kind, weight, out, inplace)
+    return _xent(logits, labels, args, kind, weight, out, inplace, softcap)
+
+
+def _check_softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+    return value
 
 
 def softmax_cross_entropy_bf16(
@@ -489,6 +593,7 @@ def softmax_cross_entropy_bf16(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Any, Any]:
     r"""Fused softmax cross-entropy for bfloat16 logits stored as raw bits.
 
@@ -505,6 +610,7 @@ def softmax_cross_entropy_bf16(
     """
     if cupy is None or not isinstance(logits, cupy.ndarray):
         raise TypeError("softmax_cross_entropy_bf16 needs a CuPy array of bfloat16 bits")
+    softcap = _check_softcap(softcap)
     if _dtype_name(logits.dtype) not in ("uint16", "int16"):
         raise TypeError(
             f"logits must be a uint16 or int16 array of bfloat16 bits, got {logits.dtype}"
@@ -529,7 +635,7 @@ def softmax_cross_entropy_bf16(
         inplace=inplace,
         xp=xp,
     )
-    result = _xent(logits, labels, args, FLOAT_KINDS["bfloat16"], weight, out, inplace)
+    result = _xent(logits, labels, args, FLOAT_KINDS["bfloat16"], weight, out, inplace, softcap)
     if result is NotImplemented:
         raise ValueError(
             "softmax_cross_entropy_bf16 needs C-contiguous logits (and out) with the class "
@@ -583,6 +689,10 @@ def _pointwise(
         w = None if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
         q = None if pos_weight is None else cupy.ascontiguousarray(pos_weight, dtype=cupy.float32)
         grad = pred if inplace else (out if out is not None else cupy.empty_like(pred))
+        if out is not None or inplace:
+            name = "pred" if loss == 0 else "logits"
+            others = [("target" if loss == 0 else "targets", target), ("weight", w)]
+            _check_no_overlap(grad, name, pred, [*others, ("pos_weight", q)])
         arrays = [pred, target, grad]
         red = {"none": 0, "mean": 1, "sum": 2}[reduction]
         if red == 0:

@@ -27,12 +27,17 @@
 //   VEC          elements per vector access: 1, 2, 4 or 8 (the host checks that C is a
 //                multiple of it and that the pointers are aligned to VEC elements)
 //   CLUSTER      blocks per row (variant 2)
+//   SOFTCAP      1: the logits are soft-capped, z -> softcap * tanh(z / softcap), before
+//                the loss (Gemma 2), and the gradient is multiplied by 1 - tanh^2(z / softcap);
+//                the variants 0 to 2 then hold the tanh of each logit in registers too
 //
 // Everything is accumulated in float32 (the single-block reductions over rows in
 // float64); each gradient element is computed in float32 and rounded once to the
 // output type. All reductions are fixed-order trees (warp butterflies, then a
 // sequential pass over the warps or blocks in index order): no floating atomics, so
-// the results are bitwise reproducible for a given launch configuration.
+// the results are bitwise reproducible for a given launch configuration (which depends
+// on the shapes, the device and the alignment of the data pointers: VEC changes the
+// order of the sums).
 //
 // The gradient may alias the logits (in-place): each element is read into a register
 // before the same thread writes it, so no pointer is declared __restrict__.
@@ -66,6 +71,9 @@
 #endif
 #ifndef CLUSTER
 #define CLUSTER 1
+#endif
+#ifndef SOFTCAP
+#define SOFTCAP 0
 #endif
 
 #define SOFT (LABEL_KIND == 2)
@@ -244,7 +252,7 @@ __device__ __forceinline__ float class_weight(const float* weight, i64 c) {
 extern "C" __global__ void CLUSTER_ATTR __launch_bounds__(BLOCK)
 xent_rows(const logit_t* logits, const label_t* labels, const float* weight, logit_t* grad,
           rowloss_t* row_loss, const float* denom, i64 n_rows, i64 n_cols, i64 ignore_index,
-          float smoothing, float z_loss) {
+          float smoothing, float z_loss, float softcap) {
     __shared__ float scratch[3][4 * WARPS + 4];
 
     // Which row, and where this thread sits in the row's group.
@@ -263,14 +271,20 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
     const i64 base = row * n_cols;  // 64-bit: N * C may exceed 2**31
     const float inv_c = 1.0f / (float)C;
     const float eps_c = smoothing * inv_c;
+#if SOFTCAP
+    const float inv_cap = 1.0f / softcap;
+#else
+    (void)softcap;
+#endif
 
     RowInfo info;
 #if REDUCTION == 1
     {
-        // As the generic code: the gradient is divided by the divisor, or by 1 where the
-        // divisor is 0 (an all-ignored batch: zero gradient, NaN mean in xent_finalize).
+        // As PyTorch: with a divisor of 0 (every row ignored, or every present label of
+        // class weight 0) the mean is NaN (xent_finalize), every row that is not ignored
+        // has a NaN gradient, and ignored rows keep their zero gradient.
         const float d = denom[0];
-        info.scale = d == 0.0f ? 1.0f : 1.0f / d;
+        info.scale = d == 0.0f ? F_NAN : 1.0f / d;
     }
 #else
     info.scale = 1.0f;
@@ -298,12 +312,22 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
 #if SOFT
     float tw[ITEMS][VEC];  // smoothed target times class weight
 #endif
+#if SOFTCAP
+    float th[ITEMS][VEC];  // tanh(z / softcap): the capped logit over softcap
+#endif
     float m = NEG_INF;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const int j0 = (it * GROUP_THREADS + t) * VEC;
         if (j0 < C) {
             load_vec<LOGIT_KIND>(logits + base + j0, x[it]);
+#if SOFTCAP
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                th[it][k] = tanhf(x[it][k] * inv_cap);
+                x[it][k] = softcap * th[it][k];
+            }
+#endif
 #if SOFT
             load_vec<TARGET_KIND>(labels + base + j0, tw[it]);
 #pragma unroll
@@ -318,6 +342,9 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
                 x[it][k] = NEG_INF;
 #if SOFT
                 tw[it][k] = 0.0f;
+#endif
+#if SOFTCAP
+                th[it][k] = 0.0f;
 #endif
             }
         }
@@ -386,10 +413,16 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
                 (void)j;
 #if SOFT
                 g[k] = fmaf(as, x[it][k], -info.scale * tw[it][k]);
+#if SOFTCAP
+                g[k] *= 1.0f - th[it][k] * th[it][k];
+#endif
 #else
                 float sub = smoothing > 0.0f ? eps_c * class_weight(weight, j) : 0.0f;
                 if ((i64)j == info.label) sub += info.coef_w;
                 g[k] = fmaf(as, x[it][k], -info.scale * sub);
+#if SOFTCAP
+                g[k] *= 1.0f - th[it][k] * th[it][k];
+#endif
                 if (info.state == 1) g[k] = 0.0f;
                 if (info.state == 2) g[k] = F_NAN;
 #endif
@@ -426,7 +459,11 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
 #endif
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
+#if SOFTCAP
+            const float v = softcap * tanhf(xv[k] * inv_cap);
+#else
             const float v = xv[k];
+#endif
             if (v > m_t) {
                 s_t = s_t * __expf(m_t - v) + 1.0f;
                 m_t = v;
@@ -470,6 +507,14 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
         load_vec<TARGET_KIND>(labels + base + j0, tv);
 #endif
         float g[VEC];
+#if SOFTCAP
+        float th[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            th[k] = tanhf(xv[k] * inv_cap);
+            xv[k] = softcap * th[k];
+        }
+#endif
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             const int j = j0 + k;
@@ -478,6 +523,9 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
             const float u = ((1.0f - smoothing) * tv[k] + eps_c) * class_weight(weight, j);
             if (u != 0.0f) lacc[0] += u * (m - xv[k]);
             g[k] = fmaf(as, e, -info.scale * u);
+#if SOFTCAP
+            g[k] *= 1.0f - th[k] * th[k];
+#endif
 #else
             if ((i64)j == info.label) lacc[0] += m - xv[k];
             float sub = 0.0f;
@@ -488,6 +536,9 @@ xent_rows(const logit_t* logits, const label_t* labels, const float* weight, log
             }
             if ((i64)j == info.label) sub += info.coef_w;
             g[k] = fmaf(as, e, -info.scale * sub);
+#if SOFTCAP
+            g[k] *= 1.0f - th[k] * th[k];
+#endif
             if (info.state == 1) g[k] = 0.0f;
             if (info.state == 2) g[k] = F_NAN;
 #endif
@@ -560,7 +611,8 @@ xent_finalize(const float* row_loss, const float* denom, logit_t* loss, i64 n_ro
     if (threadIdx.x == 0) {
         float v = (float)total;
 #if REDUCTION == 1
-        v = (float)(total / (double)denom[0]);
+        // A divisor of 0 gives NaN (as PyTorch), never +-inf from a nonzero total.
+        v = denom[0] == 0.0f ? F_NAN : (float)(total / (double)denom[0]);
 #endif
         loss[0] = from_float<LOGIT_KIND>(v);
     }
