@@ -13,11 +13,12 @@ synchronising a GPU).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import array_api_compat
 import numpy as np
@@ -137,6 +138,46 @@ def get_namespace(*arrays: Any, xp: Any = None) -> Any:
     if namespace is None:
         raise TypeError("get_namespace needs at least one array (got only scalars or None)")
     return namespace
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def check_array_argument(value: Any, name: str, *, optional: bool = False) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is an array (or None if optional).
+
+    Python scalars, lists and strings are refused: a kernel's array arguments decide
+    its library and device, which a scalar cannot.
+    """
+    if type(value) is np.ndarray or (optional and value is None):
+        return
+    if not array_api_compat.is_array_api_obj(value):
+        expected = "an array or None" if optional else "an array"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def array_arguments(*names: str, optional: tuple[str, ...] = ()) -> Callable[[_F], _F]:
+    """Check a kernel's array arguments by name before anything else sees them.
+
+    ``names`` are the kernel's leading positional parameters in order; those listed in
+    ``optional`` may also be None (or absent) and may be passed by keyword. Applied
+    outside :func:`gradcore._dispatch.dispatchable`, so a fast path never sees a
+    Python scalar where an array belongs.
+    """
+
+    def decorate(func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for name, value in zip(names, args, strict=False):
+                check_array_argument(value, name, optional=name in optional)
+            for name in optional:
+                if name in kwargs:
+                    check_array_argument(kwargs[name], name, optional=True)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def to_numpy(x: Any) -> np.ndarray:
