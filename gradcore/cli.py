@@ -159,7 +159,9 @@ def _build_parser() -> _Parser:
 # --- train ---------------------------------------------------------------------------------
 
 
-def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+def _load_dataset(
+    name: str, seed: int, targets: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, bool, str]:
     """X, y, whether it is a classification set, and its display name."""
     from . import data
 
@@ -177,7 +179,7 @@ def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, s
         raise ValueError(
             f"unknown dataset {name!r}; expected {', '.join(_DATASETS)} or a .npz/.csv file"
         )
-    X, y = data.load(path)
+    X, y = data.load(path, targets=targets)
     return X, y, y.dtype.kind in "iu", path.name
 
 
@@ -190,7 +192,9 @@ def _train(args: argparse.Namespace) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    X, y, classification, dataset = _load_dataset(args.dataset, args.seed)
+    # Least squares reads a file's targets as quantities, whatever they look like.
+    targets = "values" if args.model == "linear" else "auto"
+    X, y, classification, dataset = _load_dataset(args.dataset, args.seed, targets)
     if not 0 < args.test_size < 1:
         raise _UsageError(f"--test-size must lie strictly between 0 and 1, got {args.test_size}")
 
