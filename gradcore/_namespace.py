@@ -405,6 +405,10 @@ def backend(name: str, device: Any = None) -> Backend:
         For an unknown name, an uninstalled library, or a device the library lacks;
         the message lists the backends available here.
     """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"backend name must be a str, one of {', '.join(BACKEND_NAMES)}; got {name!r}"
+        )
     key = name.strip().lower().replace("-", "_")
     if key not in BACKEND_NAMES:
         raise ValueError(

@@ -55,6 +55,7 @@ __all__ = [
     "Tanh",
     "activation",
     "from_config",
+    "param_shapes",
     "resolve_backend",
 ]
 
@@ -183,6 +184,12 @@ class Module:
 
         ``batch_size`` splits large inputs into chunks to bound the memory used.
         """
+        if batch_size is not None and (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         x, xp = self._input(x)
         n = int(x.shape[0])
         if batch_size is None or n <= batch_size:
@@ -267,9 +274,21 @@ class Module:
         for name in own:
             if name in state:
                 host = np.array(to_numpy(state[name]), copy=True)
+                if host.dtype.kind not in "fiu":
+                    raise ValueError(
+                        f"state dict entry {name!r} must hold real numbers, got dtype {host.dtype}"
+                    )
                 if not np.all(np.isfinite(host)):
                     raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
-                new[name] = self.backend.asarray(host, dtype=self.dtype)
+                with np.errstate(over="ignore"):  # overflow is reported below, by name
+                    cast = self.backend.asarray(host, dtype=self.dtype)
+                if not np.all(np.isfinite(to_numpy(cast))):
+                    # 1e300 is finite in float64 and inf in float32.
+                    raise ValueError(
+                        f"state dict entry {name!r} overflows the model's dtype {self.dtype} "
+                        f"(largest magnitude {float(np.max(np.abs(host))):.3g})"
+                    )
+                new[name] = cast
         self._assign(new)
         return self
 
@@ -543,6 +562,8 @@ ACTIVATIONS: dict[str, type[_Activation]] = {
 
 def activation(name: str) -> Module:
     """The activation layer called ``name`` (one of :data:`ACTIVATIONS`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a name, one of {', '.join(ACTIVATIONS)}; got {name!r}")
     key = name.strip().lower().replace("-", "_")
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
@@ -695,9 +716,11 @@ class MLP(Sequential):
         backend: Backend | str | None = None,
         device: Any = None,
     ) -> None:
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"sizes must list at least two positive widths, got {sizes!r}")
+        sizes = _check_sizes(sizes)
+        if not isinstance(activation, str):
+            raise TypeError(
+                f"activation must be a name, one of {', '.join(ACTIVATIONS)}; got {activation!r}"
+            )
         key = activation.strip().lower().replace("-", "_")
         if key not in ACTIVATIONS:
             raise ValueError(
@@ -733,6 +756,84 @@ class MLP(Sequential):
         return f"MLP({self.sizes}, activation={self.activation!r}, dtype={self.dtype!r})"
 
 
+def _check_sizes(sizes: Any) -> list[int]:
+    """Layer widths as Python ints; 2.7 or True is refused, not rounded."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"sizes must be a sequence of layer widths, got {sizes!r}")
+    if len(sizes) < 2 or any(
+        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in sizes
+    ):
+        raise ValueError(f"sizes must list at least two positive integer widths, got {sizes!r}")
+    return [int(w) for w in sizes]
+
+
+def param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    r"""The parameters' names and shapes of the module :meth:`Module.config` describes.
+
+    Nothing is allocated, so a description can be checked against stored arrays (a
+    checkpoint) before the model is built.
+
+    Raises
+    ------
+    ValueError
+        If the description is malformed (wrong types, unknown layer or activation,
+        non-positive or fractional widths, nesting deeper than 100 levels).
+    """
+    return _param_shapes(config, 0)
+
+
+def _param_shapes(config: Any, depth: int) -> dict[str, tuple[int, ...]]:
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"malformed model description: expected a dict, got {type(config).__name__}"
+        )
+    if depth > 100:
+        raise ValueError("malformed model description: nested more than 100 levels deep")
+    kind = config.get("type")
+    dtype = config.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"malformed model description: dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}"
+        )
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise ValueError(f"malformed model description: bias must be true or false, got {bias!r}")
+    try:
+        if kind == "MLP":
+            sizes = _check_sizes(config.get("sizes"))
+            act = config.get("activation")
+            if not isinstance(act, str) or act not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+            shapes: dict[str, tuple[int, ...]] = {}
+            for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+                shapes[f"{2 * i}.W"] = (fan_in, fan_out)
+                if bias:
+                    shapes[f"{2 * i}.b"] = (fan_out,)
+            return shapes
+        if kind == "Linear":
+            fan_in, fan_out = _check_sizes([config.get("in_features"), config.get("out_features")])
+            return {"W": (fan_in, fan_out), **({"b": (fan_out,)} if bias else {})}
+        if kind == "LeakyReLU":
+            slope = config.get("negative_slope")
+            if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not slope > 0:
+                raise ValueError(f"negative_slope must be a positive number, got {slope!r}")
+            return {}
+        if isinstance(kind, str) and kind in {c.__name__ for c in ACTIVATIONS.values()}:
+            return {}
+        if kind == "Sequential":
+            layers = config.get("layers")
+            if not isinstance(layers, list) or not layers:
+                raise ValueError("layers must be a non-empty list")
+            shapes = {}
+            for i, layer in enumerate(layers):
+                for name, shape in _param_shapes(layer, depth + 1).items():
+                    shapes[f"{i}.{name}"] = shape
+            return shapes
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"malformed model description of type {kind!r}: {exc}") from None
+    raise ValueError(f"unknown model type {kind!r} in model description")
+
+
 def from_config(
     config: Mapping[str, Any],
     *,
@@ -747,6 +848,7 @@ def from_config(
     ValueError
         If the description is not one gradcore wrote.
     """
+    param_shapes(config)  # a malformed description is refused before anything is built
     try:
         kind = config["type"]
         dt = dtype or config.get("dtype", "float32")
