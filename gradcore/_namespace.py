@@ -360,7 +360,24 @@ def _make_device(name: str, module: Any, device: Any) -> Any:
             raise ValueError(f"backend 'dask' has only the device 'cpu', not {device!r}")
         return "cpu"
     if name == "torch":
-        return module.device("cpu" if device is None else device)
+        try:
+            dev = module.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"backend 'torch' has no device {device!r}: {exc}") from None
+        if dev.type == "cpu" and dev.index not in (None, 0):
+            # torch accepts "cpu:3" and ignores the index: there is one CPU device.
+            raise ValueError(f"backend 'torch' has one CPU device, 'cpu'; got {device!r}")
+        if dev.type == "cuda" and not module.cuda.is_available():
+            raise ValueError(f"backend 'torch' has no device {device!r}: no CUDA device visible")
+        if dev.type == "cuda":
+            count = module.cuda.device_count()
+            if (dev.index or 0) >= count:
+                raise ValueError(
+                    f"backend 'torch' has no device {device!r}: "
+                    f"{count} CUDA device{'' if count == 1 else 's'} visible (cuda:0 to "
+                    f"cuda:{count - 1})"
+                )
+        return dev
     if name == "cupy":
         if device is None:
             return module.cuda.Device()
@@ -375,15 +392,33 @@ def _make_device(name: str, module: Any, device: Any) -> Any:
         if isinstance(device, str):
             platform, _, index = device.partition(":")
             try:
-                return module.devices(platform)[int(index or 0)]
-            except (RuntimeError, IndexError) as exc:
-                raise ValueError(f"JAX has no device {device!r}: {exc}") from None
+                found = module.devices(platform)
+            except RuntimeError:
+                platforms = sorted({d.platform for d in module.devices()})
+                raise ValueError(
+                    f"JAX has no device {device!r}: no {platform!r} platform here "
+                    f"(platforms: {', '.join(platforms)})"
+                ) from None
+            try:
+                return found[int(index or 0)]
+            except (ValueError, IndexError):
+                names = ", ".join(f"{platform}:{i}" for i in range(len(found)))
+                raise ValueError(f"JAX has no device {device!r}; its devices are {names}") from None
         return device
     if name == "array_api_strict":
         if device is None:
             return module.Device("CPU_DEVICE")
         if isinstance(device, str):
-            return module.Device(device)
+            try:
+                return module.Device(device)
+            except ValueError:
+                names = ", ".join(
+                    str(getattr(d, "_device", d))
+                    for d in module.__array_namespace_info__().devices()
+                )
+                raise ValueError(
+                    f"backend 'array_api_strict' has no device {device!r}; its devices are {names}"
+                ) from None
         return device
     raise AssertionError(name)  # pragma: no cover
 
