@@ -118,6 +118,7 @@ def test_linear_dataset_recovers_w_and_b(capsys):
 
 
 def test_torch_backend_softmax_model_sgd(capsys):
+    pytest.importorskip("torch")
     args = [
         "train",
         "--backend",
@@ -218,6 +219,7 @@ def test_bench_runs_the_training_benchmark(capsys):
 
     if not (Path(cli.__file__).resolve().parent.parent / "benches" / "train_bench.py").is_file():
         pytest.skip("not a source checkout")
+    pytest.importorskip("torch")  # the benchmark compares with PyTorch
     assert cli.main(["bench", "--case", "digits", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\| digits \| 64-128-10 \| 64 \| 1797 \|", out, flags=re.MULTILINE), out
