@@ -134,7 +134,9 @@ def _build_parser() -> _Parser:
         default=None,
         help="learning rate (default 0.1 for sgd, 0.01 for adam and adamw)",
     )
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument(
+        "--momentum", type=float, default=None, help="SGD momentum (default 0.9; sgd only)"
+    )
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument(
         "--schedule",
@@ -341,7 +343,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.weight_decay is not None:
         kwargs["weight_decay"] = args.weight_decay
     if args.optimizer == "sgd":
-        kwargs["momentum"] = args.momentum
+        kwargs["momentum"] = 0.9 if args.momentum is None else args.momentum
+    elif args.momentum is not None:
+        raise _UsageError(f"--momentum applies to --optimizer sgd, not {args.optimizer}")
     opt = optim.get(args.optimizer, lr=schedule, **kwargs)
     loss = "cross_entropy" if classification else "mse"
 

@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "check_dataset",
+    "check_seed",
     "digits",
     "linear",
     "load",
@@ -35,6 +36,14 @@ __all__ = [
     "standardize",
     "train_test_split",
 ]
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as a Python int >= 0 (what NumPy's generators take); else a ValueError
+    naming the argument (NumPy's own message does not)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def check_dataset(X: Any, y: Any, *, name: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +125,7 @@ def spirals(
         raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     counts = np.full(classes, n // classes)
     counts[: n % classes] += 1
     Xs, ys = [], []
@@ -166,7 +175,7 @@ def linear(
         raise ValueError(f"w must be a finite number or a 1-D sequence of them, got {w!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     X = rng.standard_normal((n, w_arr.shape[0]))
     y = X @ w_arr + float(b) + noise * rng.standard_normal(n)
     return X, y
@@ -460,7 +469,7 @@ def train_test_split(
     if n < 2:
         raise ValueError(f"cannot split {n} sample(s) into training and test sets")
     n_test = min(max(1, round(n * test_size)), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(check_seed(seed)).permutation(n)
     test, train = perm[:n_test], perm[n_test:]
     return X[train], X[test], y[train], y[test]
 

@@ -39,6 +39,7 @@ import numpy as np
 from . import activations as _act
 from ._namespace import Backend, get_namespace, to_numpy
 from ._namespace import backend as _make_backend
+from .data import check_seed
 from .linear import linear as _linear
 from .linear import linear_vjp as _linear_vjp
 
@@ -110,7 +111,7 @@ def _check_backend_dtype(backend: Backend, dtype: str) -> None:
 def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(0 if seed is None else seed)
+    return np.random.default_rng(0 if seed is None else check_seed(seed))
 
 
 class Module:
@@ -728,7 +729,7 @@ class MLP(Sequential):
             )
         if init is None:
             init = "xavier" if key in ("sigmoid", "tanh") else "he"
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         target = resolve_backend(backend, device)
         layers: list[Module] = []
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):

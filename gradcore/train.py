@@ -30,7 +30,7 @@ from . import losses as _losses
 from . import nn as _nn
 from . import optim as _optim
 from ._namespace import Backend, get_namespace, to_numpy
-from .data import check_dataset, npz_headers
+from .data import check_dataset, check_seed, npz_headers
 
 __all__ = [
     "LOSSES",
@@ -549,7 +549,7 @@ def fit(
         jit_step = _jax_step(model, loss_fn, loss_options, opt, classification, _label_dtype(b))
     n = int(X.shape[0])
     steps = math.ceil(n / batch_size)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     history = History()
     bar = _progress_bar(progress, epochs * n)
     step0 = int(state["step"])

@@ -458,6 +458,7 @@ def test_header_names_a_linear_model_and_counts_singulars(capsys):
     [
         (["--seed", "-1"], 2, "argument --seed: expected a non-negative integer, got '-1'"),
         (["--dataset", "spiral"], 2, "did you mean 'spirals'?"),
+        (["--momentum", "0.5"], 2, "--momentum applies to --optimizer sgd, not adam"),
         (["--device", "cpu:3"], 1, "has only the device 'cpu', not 'cpu:3'"),
         (["--backend", "torch", "--device", "cpu:3"], 1, "one CPU device, 'cpu'; got 'cpu:3'"),
         (["--backend", "jax", "--device", "cpu:3"], 1, "JAX has no device 'cpu:3'; its devices"),

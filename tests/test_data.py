@@ -296,3 +296,14 @@ def test_npy_renamed_npz_is_named_so(tmp_path):
         np.save(fh, np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"one\.npz: not a readable \.npz file \(an \.npy file"):
         data.load(path)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_bad_seeds_name_the_argument(seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.spirals(30, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.linear(30, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.train_test_split(np.ones((4, 1)), np.arange(4), seed=seed)
+    assert data.check_seed(np.int64(3)) == 3

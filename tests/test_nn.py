@@ -381,3 +381,10 @@ def test_load_state_dict_refuses_non_real_and_overflowing_values():
     with pytest.raises(ValueError, match=r"'0\.W' overflows the model's dtype float32"):
         model.load_state_dict({**state, "0.W": np.full((2, 3), -1e300)})
     nn.MLP([2, 3], dtype="float64").load_state_dict({**state, "0.W": np.full((2, 3), 1e300)})
+
+
+def test_bad_seed_names_the_argument():
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        nn.MLP([2, 3], seed=-1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        nn.Linear(2, 3, seed=1.5)

@@ -822,3 +822,11 @@ def test_checkpoint_suffix_file_mode_and_resume_name(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_npy_renamed_npz_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "w.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"w\.npz is not a readable checkpoint \(an \.npy file"):
+        load(path)
