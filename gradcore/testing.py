@@ -94,7 +94,7 @@ def jax_x64(enabled: bool = True) -> Iterator[None]:
     """
     import jax
 
-    previous = bool(jax.config.jax_enable_x64)
+    previous = bool(jax.config.read("jax_enable_x64"))
     jax.config.update("jax_enable_x64", enabled)
     try:
         yield
