@@ -242,6 +242,7 @@ def jacobian(
     array([[2., 0.],
            [0., 4.]])
     """
+    check_array_argument(x, "x")
     xp = get_namespace(x)
     in_shape = tuple(x.shape)
     n = _size(in_shape)
@@ -824,6 +825,8 @@ def check_grad(
     >>> check_grad(lambda v: (v**2).sum(), x, 2 * x).ok
     True
     """
+    check_array_argument(x, "x")
+    check_array_argument(grad, "grad")
     xp = get_namespace(x, grad)
     if tuple(grad.shape) != tuple(x.shape):
         raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import activations as _act
-from ._namespace import Backend, get_namespace, to_numpy
+from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
 from ._namespace import backend as _make_backend
 from .data import check_seed
 from .linear import linear as _linear
@@ -207,6 +207,7 @@ class Module:
             return self.backend.asarray(x, dtype=self.dtype), xp
         if isinstance(x, (list, tuple)):
             return self.backend.asarray(np.asarray(x), dtype=self.dtype), xp
+        check_array_argument(x, "x")
         found = get_namespace(x)
         if found is not xp:
             raise TypeError(
@@ -254,6 +255,8 @@ class Module:
             If names are missing or unexpected (with ``strict``), or a shape differs;
             the message lists them.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -29,7 +29,7 @@ import numpy as np
 from . import losses as _losses
 from . import nn as _nn
 from . import optim as _optim
-from ._namespace import Backend, get_namespace, to_numpy
+from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
 from .data import check_dataset, check_seed, npz_headers
 
 __all__ = [
@@ -159,6 +159,8 @@ def _prepare(
             y_np, dtype=_label_dtype(b) if classification else model.dtype
         )
     # Arrays already on a device: check them there (one synchronisation).
+    check_array_argument(X, f"{name}: X")
+    check_array_argument(y, f"{name}: y")
     xp = get_namespace(X, y)
     if xp is not b.xp:
         X, y = b.asarray(X), b.asarray(y)

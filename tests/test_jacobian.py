@@ -655,3 +655,12 @@ def test_non_array_arguments_name_the_argument(bad):
     for name, call in cases:
         with pytest.raises(TypeError, match=rf"^{name} must be an array"):
             call()
+
+
+def test_jacobian_and_check_grad_name_non_array_points():
+    with pytest.raises(TypeError, match=r"^x must be an array"):
+        gc.jacobian(gc.relu, None)
+    with pytest.raises(TypeError, match=r"^x must be an array"):
+        gc.check_grad(lambda v: v, [1.0], np.ones(1))
+    with pytest.raises(TypeError, match=r"^grad must be an array"):
+        gc.check_grad(lambda v: v, np.ones(1), None)

@@ -388,3 +388,14 @@ def test_bad_seed_names_the_argument():
         nn.MLP([2, 3], seed=-1)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         nn.Linear(2, 3, seed=1.5)
+
+
+def test_model_inputs_name_the_argument():
+    model = nn.MLP([2, 3])
+    for bad in (None, 3.0, "ab"):
+        with pytest.raises(TypeError, match=r"^x must be an array"):
+            model.forward(bad)
+        with pytest.raises(TypeError, match=r"^x must be an array"):
+            model.predict(bad)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        model.load_state_dict(None)

@@ -830,3 +830,11 @@ def test_npy_renamed_npz_is_not_a_checkpoint(tmp_path):
         np.save(fh, np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"w\.npz is not a readable checkpoint \(an \.npy file"):
         load(path)
+
+
+def test_fit_names_non_array_data():
+    kw = {"loss": "mse", "optimizer": "sgd", "epochs": 1, "batch_size": 1}
+    with pytest.raises(TypeError, match="training data: X must be an array"):
+        fit(nn.MLP([2, 1]), None, np.ones(2), **kw)
+    with pytest.raises(TypeError, match="training data: X must be an array"):
+        fit(nn.MLP([2, 1]), "ab", [1.0], **kw)
