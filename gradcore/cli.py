@@ -4,7 +4,9 @@ r"""The ``gradcore`` command: ``train``, ``info`` and ``bench``.
 prints one line per epoch and the final test accuracy, in a few seconds. The same run on
 a GPU is ``gradcore train --backend cupy``. ``gradcore info`` lists the array libraries
 and devices found here. Errors (an unknown option, a backend that is not installed, a
-missing file) print one line on stderr and exit with a non-zero status.
+missing file) print one line on stderr and exit with a non-zero status. Ctrl-C (status
+130) and SIGTERM (143) stop training; with ``--save`` the last completed epoch is saved
+first. Output paths are checked before the first epoch.
 """
 
 from __future__ import annotations
