@@ -757,6 +757,8 @@ class MLP(Sequential):
         }
 
     def __repr__(self) -> str:
+        if len(self.sizes) == 2:  # one Linear layer: no activation is applied
+            return f"MLP({self.sizes}, dtype={self.dtype!r})"
         return f"MLP({self.sizes}, activation={self.activation!r}, dtype={self.dtype!r})"
 
 

@@ -399,3 +399,8 @@ def test_model_inputs_name_the_argument():
             model.predict(bad)
     with pytest.raises(TypeError, match="state must be a dict"):
         model.load_state_dict(None)
+
+
+def test_repr_of_a_one_layer_mlp_names_no_activation():
+    assert repr(nn.MLP([2, 1])) == "MLP([2, 1], dtype='float32')"
+    assert "activation='tanh'" in repr(nn.MLP([2, 4, 1], activation="tanh"))
