@@ -166,15 +166,23 @@ def array_arguments(*names: str, optional: tuple[str, ...] = ()) -> Callable[[_F
     """
 
     def decorate(func: _F) -> _F:
+        ndarray = np.ndarray
+
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # Kernels run per layer per step: NumPy arrays pass on one type test.
             for name, value in zip(names, args, strict=False):
-                check_array_argument(value, name, optional=name in optional)
-            for name in optional:
-                if name in kwargs:
-                    check_array_argument(kwargs[name], name, optional=True)
+                if type(value) is not ndarray:
+                    check_array_argument(value, name, optional=name in optional)
+            if kwargs and optional:
+                for name in optional:
+                    if name in kwargs:
+                        check_array_argument(kwargs[name], name, optional=True)
             return func(*args, **kwargs)
 
+        # Callers that pass only arrays they made themselves (the layers of gradcore.nn,
+        # per step) skip the checks through this attribute.
+        wrapper.__gradcore_unchecked__ = func  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate

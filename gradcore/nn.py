@@ -40,8 +40,8 @@ from . import activations as _act
 from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
 from ._namespace import backend as _make_backend
 from .data import check_seed
-from .linear import linear as _linear
-from .linear import linear_vjp as _linear_vjp
+from .linear import linear as _checked_linear
+from .linear import linear_vjp as _checked_linear_vjp
 
 __all__ = [
     "ACTIVATIONS",
@@ -61,6 +61,19 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def _unchecked(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` without its argument-type checks (still dispatched to fast paths).
+
+    Layers call kernels on arrays they made or checked on the way in
+    (:meth:`Module.forward`, :meth:`Module.backward`), at every step.
+    """
+    return getattr(kernel, "__gradcore_unchecked__", kernel)
+
+
+_linear = _unchecked(_checked_linear)
+_linear_vjp = _unchecked(_checked_linear_vjp)
 
 
 def resolve_backend(backend: Backend | str | None = None, device: Any = None) -> Backend:
@@ -177,6 +190,7 @@ class Module:
             raise RuntimeError(
                 "backward() needs a forward() first (each forward allows one backward)"
             )
+        check_array_argument(g, "g")
         self._xp_seen = None
         return self._backward(g, xp, need_input_grad)
 
@@ -501,16 +515,16 @@ class ReLU(_Activation):
     r"""``max(x, 0)``; keeps the output ``y`` for :func:`gradcore.relu_vjp`."""
 
     name = "relu"
-    _kernel = staticmethod(_act.relu)
-    _kernel_vjp = staticmethod(_act.relu_vjp)
+    _kernel = staticmethod(_unchecked(_act.relu))
+    _kernel_vjp = staticmethod(_unchecked(_act.relu_vjp))
 
 
 class LeakyReLU(_Activation):
     r"""``x`` where positive, ``negative_slope * x`` elsewhere; keeps the output."""
 
     name = "leaky_relu"
-    _kernel = staticmethod(_act.leaky_relu)
-    _kernel_vjp = staticmethod(_act.leaky_relu_vjp)
+    _kernel = staticmethod(_unchecked(_act.leaky_relu))
+    _kernel_vjp = staticmethod(_unchecked(_act.leaky_relu_vjp))
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
@@ -533,24 +547,24 @@ class Sigmoid(_Activation):
     r"""``1 / (1 + exp(-x))``; keeps the output ``y`` (the derivative is ``y(1-y)``)."""
 
     name = "sigmoid"
-    _kernel = staticmethod(_act.sigmoid)
-    _kernel_vjp = staticmethod(_act.sigmoid_vjp)
+    _kernel = staticmethod(_unchecked(_act.sigmoid))
+    _kernel_vjp = staticmethod(_unchecked(_act.sigmoid_vjp))
 
 
 class Tanh(_Activation):
     r"""``tanh(x)``; keeps the output ``y`` (the derivative is ``1 - y**2``)."""
 
     name = "tanh"
-    _kernel = staticmethod(_act.tanh)
-    _kernel_vjp = staticmethod(_act.tanh_vjp)
+    _kernel = staticmethod(_unchecked(_act.tanh))
+    _kernel_vjp = staticmethod(_unchecked(_act.tanh_vjp))
 
 
 class GELU(_Activation):
     r"""GELU, tanh approximation; keeps the input ``x`` for :func:`gradcore.gelu_vjp`."""
 
     name = "gelu"
-    _kernel = staticmethod(_act.gelu)
-    _kernel_vjp = staticmethod(_act.gelu_vjp)
+    _kernel = staticmethod(_unchecked(_act.gelu))
+    _kernel_vjp = staticmethod(_unchecked(_act.gelu_vjp))
     _saves_input = True
 
 

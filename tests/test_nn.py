@@ -404,3 +404,11 @@ def test_model_inputs_name_the_argument():
 def test_repr_of_a_one_layer_mlp_names_no_activation():
     assert repr(nn.MLP([2, 1])) == "MLP([2, 1], dtype='float32')"
     assert "activation='tanh'" in repr(nn.MLP([2, 4, 1], activation="tanh"))
+
+
+def test_backward_names_a_non_array_gradient():
+    model = nn.MLP([2, 3, 1])
+    model.forward(np.ones((4, 2), np.float32))
+    for bad in (None, 1.0, [1.0]):
+        with pytest.raises(TypeError, match=r"^g must be an array"):
+            model.backward(bad)
