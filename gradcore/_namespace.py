@@ -13,11 +13,12 @@ synchronising a GPU).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import array_api_compat
 import numpy as np
@@ -137,6 +138,54 @@ def get_namespace(*arrays: Any, xp: Any = None) -> Any:
     if namespace is None:
         raise TypeError("get_namespace needs at least one array (got only scalars or None)")
     return namespace
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def check_array_argument(value: Any, name: str, *, optional: bool = False) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is an array (or None if optional).
+
+    Python scalars, lists and strings are refused: a kernel's array arguments decide
+    its library and device, which a scalar cannot.
+    """
+    if type(value) is np.ndarray or (optional and value is None):
+        return
+    if not array_api_compat.is_array_api_obj(value):
+        expected = "an array or None" if optional else "an array"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def array_arguments(*names: str, optional: tuple[str, ...] = ()) -> Callable[[_F], _F]:
+    """Check a kernel's array arguments by name before anything else sees them.
+
+    ``names`` are the kernel's leading positional parameters in order; those listed in
+    ``optional`` may also be None (or absent) and may be passed by keyword. Applied
+    outside :func:`gradcore._dispatch.dispatchable`, so a fast path never sees a
+    Python scalar where an array belongs.
+    """
+
+    def decorate(func: _F) -> _F:
+        ndarray = np.ndarray
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # Kernels run per layer per step: NumPy arrays pass on one type test.
+            for name, value in zip(names, args, strict=False):
+                if type(value) is not ndarray:
+                    check_array_argument(value, name, optional=name in optional)
+            if kwargs and optional:
+                for name in optional:
+                    if name in kwargs:
+                        check_array_argument(kwargs[name], name, optional=True)
+            return func(*args, **kwargs)
+
+        # Callers that pass only arrays they made themselves (the layers of gradcore.nn,
+        # per step) skip the checks through this attribute.
+        wrapper.__gradcore_unchecked__ = func  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -319,7 +368,24 @@ def _make_device(name: str, module: Any, device: Any) -> Any:
             raise ValueError(f"backend 'dask' has only the device 'cpu', not {device!r}")
         return "cpu"
     if name == "torch":
-        return module.device("cpu" if device is None else device)
+        try:
+            dev = module.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"backend 'torch' has no device {device!r}: {exc}") from None
+        if dev.type == "cpu" and dev.index not in (None, 0):
+            # torch accepts "cpu:3" and ignores the index: there is one CPU device.
+            raise ValueError(f"backend 'torch' has one CPU device, 'cpu'; got {device!r}")
+        if dev.type == "cuda" and not module.cuda.is_available():
+            raise ValueError(f"backend 'torch' has no device {device!r}: no CUDA device visible")
+        if dev.type == "cuda":
+            count = module.cuda.device_count()
+            if (dev.index or 0) >= count:
+                raise ValueError(
+                    f"backend 'torch' has no device {device!r}: "
+                    f"{count} CUDA device{'' if count == 1 else 's'} visible (cuda:0 to "
+                    f"cuda:{count - 1})"
+                )
+        return dev
     if name == "cupy":
         if device is None:
             return module.cuda.Device()
@@ -334,15 +400,33 @@ def _make_device(name: str, module: Any, device: Any) -> Any:
         if isinstance(device, str):
             platform, _, index = device.partition(":")
             try:
-                return module.devices(platform)[int(index or 0)]
-            except (RuntimeError, IndexError) as exc:
-                raise ValueError(f"JAX has no device {device!r}: {exc}") from None
+                found = module.devices(platform)
+            except RuntimeError:
+                platforms = sorted({d.platform for d in module.devices()})
+                raise ValueError(
+                    f"JAX has no device {device!r}: no {platform!r} platform here "
+                    f"(platforms: {', '.join(platforms)})"
+                ) from None
+            try:
+                return found[int(index or 0)]
+            except (ValueError, IndexError):
+                names = ", ".join(f"{platform}:{i}" for i in range(len(found)))
+                raise ValueError(f"JAX has no device {device!r}; its devices are {names}") from None
         return device
     if name == "array_api_strict":
         if device is None:
             return module.Device("CPU_DEVICE")
         if isinstance(device, str):
-            return module.Device(device)
+            try:
+                return module.Device(device)
+            except ValueError:
+                names = ", ".join(
+                    str(getattr(d, "_device", d))
+                    for d in module.__array_namespace_info__().devices()
+                )
+                raise ValueError(
+                    f"backend 'array_api_strict' has no device {device!r}; its devices are {names}"
+                ) from None
         return device
     raise AssertionError(name)  # pragma: no cover
 
@@ -364,6 +448,10 @@ def backend(name: str, device: Any = None) -> Backend:
         For an unknown name, an uninstalled library, or a device the library lacks;
         the message lists the backends available here.
     """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"backend name must be a str, one of {', '.join(BACKEND_NAMES)}; got {name!r}"
+        )
     key = name.strip().lower().replace("-", "_")
     if key not in BACKEND_NAMES:
         raise ValueError(

@@ -20,7 +20,7 @@ import array_api_compat
 
 from ._checks import as_int, astype, check_floating, check_same_shape, compute_dtype
 from ._dispatch import dispatchable
-from ._namespace import get_namespace
+from ._namespace import array_arguments, get_namespace
 
 __all__ = [
     "gelu",
@@ -87,6 +87,7 @@ def _sigmoid(xp: Any, x: Any) -> Any:
 # --- relu ------------------------------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def relu(x: Any, /, *, xp: Any = None) -> Any:
     r"""Rectified linear unit, elementwise.
@@ -121,6 +122,7 @@ def relu(x: Any, /, *, xp: Any = None) -> Any:
     return xp.where(x < 0, _scalar(xp, 0.0, x), x)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def relu_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`relu`, from its output.
@@ -158,6 +160,7 @@ def relu_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
 # --- leaky relu ------------------------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def leaky_relu(x: Any, /, *, negative_slope: float = 0.01, xp: Any = None) -> Any:
     r"""Leaky rectified linear unit, elementwise.
@@ -199,6 +202,7 @@ def leaky_relu(x: Any, /, *, negative_slope: float = 0.01, xp: Any = None) -> An
     return xp.where(x > 0, x, x * slope)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def leaky_relu_vjp(g: Any, y: Any, /, *, negative_slope: float = 0.01, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`leaky_relu`, from its output.
@@ -248,6 +252,7 @@ def leaky_relu_vjp(g: Any, y: Any, /, *, negative_slope: float = 0.01, xp: Any =
 # --- sigmoid ---------------------------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def sigmoid(x: Any, /, *, xp: Any = None) -> Any:
     r"""Logistic sigmoid, elementwise, without overflow for any input.
@@ -284,6 +289,7 @@ def sigmoid(x: Any, /, *, xp: Any = None) -> Any:
     return astype(xp, _sigmoid(xp, astype(xp, x, work)), x.dtype)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def sigmoid_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`sigmoid`, from its output.
@@ -321,6 +327,7 @@ def sigmoid_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
 # --- tanh ------------------------------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def tanh(x: Any, /, *, xp: Any = None) -> Any:
     r"""Hyperbolic tangent, elementwise.
@@ -354,6 +361,7 @@ def tanh(x: Any, /, *, xp: Any = None) -> Any:
     return astype(xp, xp.tanh(astype(xp, x, work)), x.dtype)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def tanh_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`tanh`, from its output.
@@ -391,6 +399,7 @@ def tanh_vjp(g: Any, y: Any, /, *, xp: Any = None) -> Any:
 # --- gelu ------------------------------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def gelu(x: Any, /, *, xp: Any = None) -> Any:
     r"""Gaussian error linear unit, tanh approximation, elementwise.
@@ -441,6 +450,7 @@ def gelu(x: Any, /, *, xp: Any = None) -> Any:
     return astype(xp, xw * _sigmoid(xp, u2), x.dtype)
 
 
+@array_arguments("g", "x")
 @dispatchable
 def gelu_vjp(g: Any, x: Any, /, *, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`gelu`, from its input.
@@ -496,6 +506,7 @@ def gelu_vjp(g: Any, x: Any, /, *, xp: Any = None) -> Any:
 # --- softmax and log-softmax -----------------------------------------------------------
 
 
+@array_arguments("x")
 @dispatchable
 def softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     r"""Softmax along one axis, stabilised by subtracting the maximum.
@@ -540,6 +551,7 @@ def softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     return astype(xp, e / xp.sum(e, axis=axis, keepdims=True), x.dtype)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def softmax_vjp(g: Any, y: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`softmax`, from its output.
@@ -583,6 +595,7 @@ def softmax_vjp(g: Any, y: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     return astype(xp, yw * (gw - dot), out_dtype)
 
 
+@array_arguments("x")
 @dispatchable
 def log_softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     r"""Logarithm of the softmax along one axis, without forming the softmax.
@@ -629,6 +642,7 @@ def log_softmax(x: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     return astype(xp, z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True)), x.dtype)
 
 
+@array_arguments("g", "y")
 @dispatchable
 def log_softmax_vjp(g: Any, y: Any, /, *, axis: int = -1, xp: Any = None) -> Any:
     r"""Vector-Jacobian product of :func:`log_softmax`, from its output.

@@ -4,17 +4,21 @@ r"""The ``gradcore`` command: ``train``, ``info`` and ``bench``.
 prints one line per epoch and the final test accuracy, in a few seconds. The same run on
 a GPU is ``gradcore train --backend cupy``. ``gradcore info`` lists the array libraries
 and devices found here. Errors (an unknown option, a backend that is not installed, a
-missing file) print one line on stderr and exit with a non-zero status.
+missing file) print one line on stderr and exit with a non-zero status. Ctrl-C (status
+130) and SIGTERM (143) stop training; with ``--save`` the last completed epoch is saved
+first. Output paths are checked before the first epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,6 +49,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _positive_float(text: str) -> float:
@@ -118,7 +136,9 @@ def _build_parser() -> _Parser:
         default=None,
         help="learning rate (default 0.1 for sgd, 0.01 for adam and adamw)",
     )
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument(
+        "--momentum", type=float, default=None, help="SGD momentum (default 0.9; sgd only)"
+    )
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument(
         "--schedule",
@@ -133,11 +153,16 @@ def _build_parser() -> _Parser:
         help="passes over the training set (default 40; 20 for digits)",
     )
     t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--seed", type=int, default=0, help="seeds the data, the weights, the batches")
+    t.add_argument("--seed", type=_seed, default=0, help="seeds the data, the weights, the batches")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     t.add_argument("--test-size", type=float, default=0.25, help="fraction held out for testing")
-    t.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) at the end")
-    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint")
+    t.add_argument(
+        "--save",
+        metavar="PATH",
+        help="write a checkpoint (.npz appended if missing) at the end, or after the last "
+        "completed epoch when interrupted (Ctrl-C, SIGTERM)",
+    )
+    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the --save PATH)")
     t.add_argument("--plot", metavar="PNG", help="save loss and accuracy curves (matplotlib)")
     t.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     t.add_argument("--quiet", action="store_true", help="print only the final result")
@@ -159,7 +184,9 @@ def _build_parser() -> _Parser:
 # --- train ---------------------------------------------------------------------------------
 
 
-def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+def _load_dataset(
+    name: str, seed: int, targets: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, bool, str]:
     """X, y, whether it is a classification set, and its display name."""
     from . import data
 
@@ -174,11 +201,49 @@ def _load_dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool, s
         return X, y, True, name
     path = Path(name)
     if not path.suffix:
-        raise ValueError(
-            f"unknown dataset {name!r}; expected {', '.join(_DATASETS)} or a .npz/.csv file"
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), _DATASETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _UsageError(
+            f"--dataset: unknown dataset {name!r}{hint}; expected "
+            f"{', '.join(_DATASETS)} or a .npz/.csv file"
         )
-    X, y = data.load(path)
+    X, y = data.load(path, targets=targets)
     return X, y, y.dtype.kind in "iu", path.name
+
+
+def _check_output_options(args: argparse.Namespace) -> None:
+    """Refuse --save, --plot and --json paths that cannot be written, before training."""
+    from .train import checkpoint_path
+
+    outputs = [
+        ("--save", args.save, checkpoint_path(args.save) if args.save else None),
+        ("--plot", args.plot, Path(args.plot) if args.plot else None),
+        ("--json", args.json, Path(args.json) if args.json else None),
+    ]
+    for option, value, path in outputs:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise _UsageError(f"{option}: {value!r} is a directory; give a file name")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise _UsageError(f"{option}: the directory of {value!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise _UsageError(f"{option}: the directory of {value!r} is not writable")
+    if args.plot:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'gradcore[plot]'") from None
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        if suffix not in kinds:
+            raise _UsageError(
+                f"--plot: cannot tell the image type of {args.plot!r}; end it in one of "
+                f"{', '.join('.' + k for k in sorted(kinds))}"
+            )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -199,14 +264,13 @@ def _train(args: argparse.Namespace) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    X, y, classification, dataset = _load_dataset(args.dataset, args.seed)
+    # Least squares reads a file's targets as quantities, whatever they look like.
+    targets = "values" if args.model == "linear" else "auto"
+    X, y, classification, dataset = _load_dataset(args.dataset, args.seed, targets)
     if not 0 < args.test_size < 1:
         raise _UsageError(f"--test-size must lie strictly between 0 and 1, got {args.test_size}")
 
-    for option, value in (("--save", args.save), ("--plot", args.plot), ("--json", args.json)):
-        # Found out before training, not after it.
-        if value and not Path(value).resolve().parent.is_dir():
-            raise _UsageError(f"{option}: the directory of {value!r} does not exist")
+    _check_output_options(args)
     if comm.rank != 0:
         # One report and one set of files for the job: rank 0 prints and writes them.
         args.save = args.plot = args.json = None
@@ -295,15 +359,17 @@ def _train(args: argparse.Namespace) -> int:
     if args.weight_decay is not None:
         kwargs["weight_decay"] = args.weight_decay
     if args.optimizer == "sgd":
-        kwargs["momentum"] = args.momentum
+        kwargs["momentum"] = 0.9 if args.momentum is None else args.momentum
+    elif args.momentum is not None:
+        raise _UsageError(f"--momentum applies to --optimizer sgd, not {args.optimizer}")
     opt = optim.get(args.optimizer, lr=schedule, **kwargs)
     loss = "cross_entropy" if classification else "mse"
 
     if not args.quiet:
         print(
-            f"gradcore: {model!r}, {model.num_parameters()} parameters, on {be}; "
-            f"{dataset}: {X_train.shape[0]} train / {X_test.shape[0]} test; "
-            f"{args.optimizer} lr={lr:g}, batch {args.batch_size}, {epochs} epochs",
+            f"gradcore: {_describe(model, kind)}, {_plural(model.num_parameters(), 'parameter')}, "
+            f"on {be}; {dataset}: {X_train.shape[0]} train / {X_test.shape[0]} test; "
+            f"{args.optimizer} lr={lr:g}, batch {args.batch_size}, {_plural(epochs, 'epoch')}",
             flush=True,
         )
         if comm.size > 1:
@@ -313,7 +379,12 @@ def _train(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+    snapshot: dict[str, Any] = {}
+
     def report(epoch: int, history: Any) -> None:
+        if args.save:
+            # What an interrupted run saves: the last epoch that completed.
+            snapshot.update(_snapshot(model, history.optimizer_state), epoch=epoch)
         if args.quiet:
             return
         line = f"epoch {epochs_done + epoch:3d}/{epochs_done + epochs}  loss {history.loss[-1]:.4f}"
@@ -329,21 +400,27 @@ def _train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     start = time.perf_counter()
-    history = fit(
-        model,
-        X_train,
-        y_train,
-        loss=loss,
-        optimizer=opt,
-        epochs=epochs,
-        batch_size=args.batch_size,
-        validation=(X_test, y_test),
-        seed=args.seed + epochs_done,
-        progress=not args.no_progress and not args.quiet,
-        optimizer_state=checkpoint.optimizer_state if checkpoint else None,
-        callback=report,
-        comm=comm if comm.size > 1 else None,
-    )
+    meta = {"dataset": dataset, "model_kind": kind, "optimizer": args.optimizer}
+    try:
+        history = fit(
+            model,
+            X_train,
+            y_train,
+            loss=loss,
+            optimizer=opt,
+            epochs=epochs,
+            batch_size=args.batch_size,
+            validation=(X_test, y_test),
+            seed=args.seed + epochs_done,
+            progress=not args.no_progress and not args.quiet,
+            optimizer_state=checkpoint.optimizer_state if checkpoint else None,
+            callback=report,
+            comm=comm if comm.size > 1 else None,
+        )
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _terminate_as_interrupt)
+        if args.save:
+            _save_interrupted(args.save, model, snapshot, meta, epochs_done)
+        raise
     elapsed = time.perf_counter() - start
     test = evaluate(model, X_test, y_test, loss=loss)
     if classification:
@@ -364,12 +441,7 @@ def _train(args: argparse.Namespace) -> int:
             args.save,
             model,
             history.optimizer_state,
-            meta={
-                "epochs_done": epochs_done + epochs,
-                "dataset": dataset,
-                "model_kind": kind,
-                "optimizer": args.optimizer,
-            },
+            meta={"epochs_done": epochs_done + epochs, **meta},
         )
         if not args.quiet:
             print(f"saved checkpoint to {path}")
@@ -390,18 +462,96 @@ def _train(args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if args.plot:
-        _plot(history, args.plot, title=f"{model!r} on {dataset} ({be.name})")
+        _plot(history, args.plot, title=f"{_describe(model, kind)} on {dataset} ({be.name})")
     return 0
 
 
-def _plot(history: Any, path: str, *, title: str) -> None:
-    try:
-        import matplotlib
+def _describe(model: Any, kind: str) -> str:
+    """The model as the header names it: a one-layer model is a regression, not an MLP."""
+    sizes = getattr(model, "sizes", None)
+    if sizes is not None and len(sizes) == 2 and kind in ("linear", "softmax"):
+        what = "linear regression" if kind == "linear" else "softmax regression"
+        return f"{what} ({sizes[0]} -> {sizes[1]})"
+    return repr(model)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'gradcore[plot]'") from None
+
+def _snapshot(model: Any, optimizer_state: Any) -> dict[str, Any]:
+    """Host copies of the parameters and optimizer state (updated in place later)."""
+    from ._namespace import to_numpy
+
+    def copy(x: Any) -> Any:
+        return np.array(to_numpy(x), copy=True)
+
+    state = None
+    if optimizer_state is not None:
+        state = {
+            k: {n: copy(a) for n, a in v.items()} if isinstance(v, dict) else v
+            for k, v in optimizer_state.items()
+        }
+    return {"params": {k: copy(v) for k, v in model.state_dict().items()}, "state": state}
+
+
+def _save_interrupted(
+    target: str, model: Any, snapshot: dict[str, Any], meta: dict[str, Any], epochs_done: int
+) -> None:
+    """Save the last completed epoch of an interrupted run, and say so on stderr."""
+    import signal
+
+    from .train import save
+
+    if not snapshot:
+        print(
+            "gradcore: interrupted before the first epoch completed; no checkpoint saved",
+            file=sys.stderr,
+        )
+        return
+    # The save is atomic (a temporary file, then a rename) and short: a second Ctrl-C
+    # must not cut it off.
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        model.load_state_dict(snapshot["params"])
+        done = epochs_done + snapshot["epoch"]
+        path = save(target, model, snapshot["state"], meta={"epochs_done": done, **meta})
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    print(
+        f"gradcore: interrupted; saved the last completed epoch ({done}) to {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that training stops the same way."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _figure(history: Any, *, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     classification = history.accuracy and history.accuracy[0] is not None
     fig, axes = plt.subplots(
         1, 2 if classification else 1, figsize=(10 if classification else 5, 4)
@@ -419,8 +569,22 @@ def _plot(history: Any, path: str, *, title: str) -> None:
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("accuracy")
         axes[1].legend()
-    fig.suptitle(title)
+    for ax in axes if classification else [axes]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    # Wrapped to the figure's width (about 11 characters per inch at this size), so a
+    # long model description is not cut off in the narrow one-panel figure.
+    width = int(fig.get_figwidth() * 11)
+    fig.suptitle(textwrap.fill(title, width=width), fontsize="medium")
     fig.tight_layout()
+    return fig
+
+
+def _plot(history: Any, path: str, *, title: str) -> None:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'gradcore[plot]'") from None
+    fig = _figure(history, title=title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -433,11 +597,11 @@ def _devices(name: str) -> tuple[str, str]:
     if name == "numpy":
         from ._dispatch import get_num_threads
 
-        return np.__version__, f"cpu ({get_num_threads()} threads for fast paths)"
+        return np.__version__, f"cpu ({_plural(get_num_threads(), 'thread')} for fast paths)"
     if name == "torch":
         import torch
 
-        devices = [f"cpu ({torch.get_num_threads()} threads)"]
+        devices = [f"cpu ({_plural(torch.get_num_threads(), 'thread')})"]
         if torch.cuda.is_available():
             devices += [
                 f"cuda:{i} {torch.cuda.get_device_name(i)}"
@@ -540,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         if args.command == "train":
-            return _train(args)
+            with _terminate_as_interrupt():
+                return _train(args)
         if args.command == "info":
             return _info()
         return _bench([])
@@ -549,9 +714,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"gradcore: error: {exc} (see gradcore --help)", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("gradcore: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process killed by it
     except KeyboardInterrupt:
         print("gradcore: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gradcore train | head -2`): stop quietly. Later writes
+        # (and the flush at exit) go nowhere instead of raising again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if debug:
             raise

@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -26,13 +27,23 @@ import numpy as np
 
 __all__ = [
     "check_dataset",
+    "check_seed",
     "digits",
     "linear",
     "load",
+    "npz_headers",
     "spirals",
     "standardize",
     "train_test_split",
 ]
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as a Python int >= 0 (what NumPy's generators take); else a ValueError
+    naming the argument (NumPy's own message does not)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def check_dataset(X: Any, y: Any, *, name: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +125,7 @@ def spirals(
         raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     counts = np.full(classes, n // classes)
     counts[: n % classes] += 1
     Xs, ys = [], []
@@ -164,7 +175,7 @@ def linear(
         raise ValueError(f"w must be a finite number or a 1-D sequence of them, got {w!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     X = rng.standard_normal((n, w_arr.shape[0]))
     y = X @ w_arr + float(b) + noise * rng.standard_normal(n)
     return X, y
@@ -199,16 +210,120 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 # --- files ----------------------------------------------------------------------------
 
 
-def _integral(y: np.ndarray) -> bool:
-    return y.dtype.kind in "biu" or bool(np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+#: Deflate cannot expand data by much more than 1032:1; an entry claiming more than
+#: this many bytes per stored byte cannot be genuine.
+_MAX_EXPANSION = 1100
+#: Class labels given as floats must be whole numbers that float64 holds exactly.
+_MAX_FLOAT_LABEL = 2**53
+#: What ``load(..., targets=...)`` accepts.
+TARGETS = ("auto", "classes", "values")
 
 
-def load(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    r"""The shape and dtype of every array in an ``.npz`` file, read without loading data.
+
+    Each ``.npy`` member's header is read from the zip archive, and the number of bytes
+    it claims is checked against what the archive can hold (its stored size, times
+    deflate's largest expansion for a compressed member), so a crafted header cannot
+    make a reader allocate gigabytes for a file of a few kilobytes.
+
+    Raises
+    ------
+    ValueError
+        For a file that is not a zip archive, a member that is not a valid ``.npy``
+        array, an object (pickled) array, or sizes the file cannot hold; the message
+        names the file and the member.
+    """
+    p = Path(path)
+    file_size = p.stat().st_size
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                stored = info.compress_size
+                room = (
+                    stored if info.compress_type == zipfile.ZIP_STORED else stored * _MAX_EXPANSION
+                )
+                if stored > file_size or info.file_size > room:
+                    raise ValueError(
+                        f"{p.name}: member {name!r} claims {info.file_size} bytes, more than "
+                        "the file can hold (corrupt or crafted)"
+                    )
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                if dtype.hasobject:
+                    raise ValueError(f"{p.name}: member {name!r} is an object (pickled) array")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise ValueError(
+                        f"{p.name}: member {name!r} claims shape {shape} of {dtype} "
+                        f"({nbytes} bytes) but holds only {info.file_size} bytes "
+                        "(corrupt or crafted)"
+                    )
+                out[name] = (tuple(int(d) for d in shape), dtype)
+    except zipfile.BadZipFile:
+        with open(p, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        reason = "an .npy file (one array) renamed .npz" if npy else "not an .npz archive"
+        raise ValueError(f"{p.name}: not a readable .npz file ({reason})") from None
+    except (zipfile.LargeZipFile, EOFError, OSError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{p.name}: not a readable .npz file ({first})") from None
+    except ValueError as exc:
+        if str(exc).startswith(p.name):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{p.name}: not a readable .npz file ({first})") from None
+    return out
+
+
+def _class_labels(y: np.ndarray, source: str, where: Any) -> np.ndarray:
+    """Whole-number float targets as int64 class labels, or a ValueError naming the row."""
+    big = np.flatnonzero(np.abs(y) >= _MAX_FLOAT_LABEL)
+    if big.size:
+        i = int(big[0])
+        raise ValueError(
+            f"{source}: {where(i)}: target {y[i].item()!r} is a whole number too large to be a "
+            f"class label (|y| >= 2**53); for regression pass targets='values' "
+            "(gradcore train: --model linear)"
+        )
+    return y.astype(np.int64)
+
+
+def load(
+    path: str | os.PathLike[str], *, header: bool | None = None, targets: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Load a dataset from ``.npz`` (arrays ``X`` and ``y``) or ``.csv`` (last column ``y``).
 
-    A CSV file may start with one header line; values are comma-separated. Targets
-    that are all whole numbers are returned as int64 (class labels), others as
-    float64. The result passes :func:`check_dataset`.
+    Parameters
+    ----------
+    path : str or path
+        The file; its suffix (``.npz`` or ``.csv``, any case) decides the format.
+    header : bool, optional
+        For a CSV file: whether its first line is a header. By default (None) the
+        first line is a header exactly when none of its fields is a number
+        (``x1,x2,label``); a first line with any number in it is data, so a typo in
+        it is reported instead of silently dropping the row. A UTF-8 byte-order mark
+        is ignored.
+    targets : {"auto", "classes", "values"}
+        How to read ``y``. ``"values"``: float64 regression targets. ``"classes"``:
+        int64 class labels (whole numbers, below 2**53 if stored as floats).
+        ``"auto"`` (default): integer and boolean ``y`` are class labels (``False``,
+        ``True`` are classes 0 and 1), a 1-D float ``y`` of whole numbers too, other
+        float ``y`` are regression targets; whole numbers too large for a float to
+        hold exactly are ambiguous and refused.
+
+    Returns
+    -------
+    X : ndarray of float64, shape (N, features)
+    y : ndarray of int64 (class labels) or float64 (targets), shape (N,) or (N, k)
 
     Raises
     ------
@@ -216,13 +331,21 @@ def load(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         If ``path`` does not exist.
     ValueError
         For another suffix, a file that cannot be parsed, missing arrays, mismatched
-        lengths or NaN/infinite values.
+        lengths, NaN/infinite values, an ``.npz`` whose headers claim more data than
+        the file holds, or targets that cannot be read as asked (the message names
+        the file and the row).
     """
+    if header is not None and not isinstance(header, bool):
+        raise TypeError(f"header must be True, False or None, got {header!r}")
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such data file: {str(p)!r}")
     suffix = p.suffix.lower()
+    where: Any
     if suffix == ".npz":
+        npz_headers(p)  # sizes checked before anything is allocated
         try:
             with np.load(p, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
@@ -239,51 +362,86 @@ def load(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
                 f"{', '.join(missing)} (found {', '.join(arrays) or 'none'})"
             )
         X, y = arrays["X"], arrays["y"]
+
+        def where(i: int) -> str:
+            return f"y[{i}]"
+
     elif suffix == ".csv":
-        X, y = _load_csv(p)
+        X, y, first_line = _load_csv(p, header)
+
+        def where(i: int) -> str:
+            return f"line {first_line + i}"
+
     else:
         raise ValueError(f"{p.name}: unsupported data file type {suffix!r}; use .npz or .csv")
     X, y = check_dataset(X, y, name=p.name)
-    if y.dtype.kind == "f" and y.ndim == 1 and _integral(y):
+    if targets == "values":
+        return X.astype(np.float64), y.astype(np.float64)
+    if y.dtype.kind == "b":
         y = y.astype(np.int64)
+    elif y.dtype.kind == "f":
+        whole = y == np.round(y)
+        if targets == "classes" and not np.all(whole):
+            i = int(np.flatnonzero(~whole.reshape(len(y), -1).all(axis=1))[0])
+            raise ValueError(
+                f"{p.name}: {where(i)}: target {y[i].item()!r} is not a whole number "
+                "(targets='classes' needs class labels)"
+            )
+        if y.ndim == 1 and np.all(whole):
+            y = _class_labels(y, p.name, where)
+    elif y.dtype.kind == "u" and y.size and int(y.max()) > np.iinfo(np.int64).max:
+        i = int(np.argmax(y.reshape(len(y), -1).max(axis=1)))
+        raise ValueError(f"{p.name}: {where(i)}: target {y[i].item()!r} does not fit in int64")
+    if targets == "classes" and y.ndim != 1:
+        raise ValueError(f"{p.name}: class labels must be 1-D, got y of shape {y.shape}")
     return X.astype(np.float64), y
 
 
-def _load_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
+def _is_number(text: str) -> bool:
     try:
-        text = p.read_text(encoding="utf-8")
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_csv(p: Path, header: bool | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """X, y and the file line number of the first data row."""
+    try:
+        # utf-8-sig: a byte-order mark (as some spreadsheets write) is not data.
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{p.name}: not a text CSV file") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise ValueError(f"{p.name}: the CSV file is empty")
-    first = lines[0].split(",")
-    try:
-        [float(v) for v in first]
-    except ValueError:
-        lines = lines[1:]  # a header line
+    if header is None:
+        header = not any(_is_number(v) for v in lines[0][1].split(","))
+    if header:
+        lines = lines[1:]
     if not lines:
         raise ValueError(f"{p.name}: the CSV file has a header but no data")
     rows = []
     width = None
-    for number, line in enumerate(lines, start=1):
+    for number, (line_no, line) in enumerate(lines, start=1):
         fields = line.split(",")
         if width is None:
             width = len(fields)
         if len(fields) != width:
             raise ValueError(
-                f"{p.name}: data row {number} has {len(fields)} columns, expected {width}"
+                f"{p.name}: data row {number} has {len(fields)} columns, expected {width} "
+                f"(line {line_no})"
             )
         try:
             rows.append([float(v) for v in fields])
         except ValueError:
             raise ValueError(
-                f"{p.name}: data row {number} has a non-numeric value: {line!r}"
+                f"{p.name}: data row {number} (line {line_no}) has a non-numeric value: {line!r}"
             ) from None
     if width is None or width < 2:
         raise ValueError(f"{p.name}: a CSV dataset needs at least two columns (features, target)")
     table = np.asarray(rows, dtype=np.float64)
-    return table[:, :-1], table[:, -1]
+    return table[:, :-1], table[:, -1], lines[0][0]
 
 
 # --- splitting and scaling ------------------------------------------------------------
@@ -311,7 +469,7 @@ def train_test_split(
     if n < 2:
         raise ValueError(f"cannot split {n} sample(s) into training and test sets")
     n_test = min(max(1, round(n * test_size)), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(check_seed(seed)).permutation(n)
     test, train = perm[:n_test], perm[n_test:]
     return X[train], X[test], y[train], y[test]
 

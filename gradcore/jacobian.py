@@ -50,7 +50,13 @@ import array_api_compat
 import numpy as np
 
 from ._checks import check_floating, is_floating
-from ._namespace import backend_name, get_namespace, to_numpy
+from ._namespace import (
+    array_arguments,
+    backend_name,
+    check_array_argument,
+    get_namespace,
+    to_numpy,
+)
 
 __all__ = [
     "GradCheck",
@@ -236,6 +242,7 @@ def jacobian(
     array([[2., 0.],
            [0., 4.]])
     """
+    check_array_argument(x, "x")
     xp = get_namespace(x)
     in_shape = tuple(x.shape)
     n = _size(in_shape)
@@ -360,6 +367,8 @@ def chain(*jacobians: Any) -> Any:
     """
     if not jacobians:
         raise ValueError("chain needs at least one Jacobian")
+    for index, jac in enumerate(jacobians, start=1):
+        check_array_argument(jac, f"chain: Jacobian {index}")
     xp = get_namespace(*jacobians)
     # The running product is kept as a matrix, with flags for whether its output and
     # input are scalars (which decide how it is shaped at the end, and how a 1-D factor
@@ -411,6 +420,7 @@ def chain(*jacobians: Any) -> Any:
 # --- closed-form Jacobians of the collapsed pieces -------------------------------------
 
 
+@array_arguments("values")
 def mean_jacobian(values: Any, /, *, xp: Any = None) -> Any:
     r"""Jacobian of the mean :math:`J = \frac1N \sum_i J_0^{(i)}` by the values :math:`J_0`.
 
@@ -431,6 +441,7 @@ def mean_jacobian(values: Any, /, *, xp: Any = None) -> Any:
     return xp.full((n,), 1.0 / max(n, 1), dtype=dtype, device=_device(values))
 
 
+@array_arguments("pred", "target")
 def squared_error_jacobian(pred: Any, target: Any, /, *, xp: Any = None) -> Any:
     r"""Jacobian of the squared errors :math:`J_0 = (y - \hat y)^2` by the predictions.
 
@@ -454,6 +465,7 @@ def squared_error_jacobian(pred: Any, target: Any, /, *, xp: Any = None) -> Any:
     return _diag(xp, xp.reshape(d, (-1,)))
 
 
+@array_arguments("x", "W")
 def linear_jacobians(x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, Any]:
     r"""Jacobians of the linear map :math:`\hat y = xW + b` by its input, weights and bias.
 
@@ -510,6 +522,7 @@ def linear_jacobians(x: Any, W: Any, /, *, xp: Any = None) -> tuple[Any, Any, An
     return dy_dx, dy_dW, dy_db
 
 
+@array_arguments("derivative")
 def diagonal_jacobian(derivative: Any, /, *, xp: Any = None) -> Any:
     r"""The Jacobian of an elementwise map, from its elementwise derivative.
 
@@ -528,6 +541,7 @@ def diagonal_jacobian(derivative: Any, /, *, xp: Any = None) -> Any:
     return _diag(xp, xp.reshape(derivative, (-1,)))
 
 
+@array_arguments("x")
 def activation_jacobian(
     x: Any, /, *, activation: str, negative_slope: float = 0.01, xp: Any = None
 ) -> Any:
@@ -582,6 +596,7 @@ def activation_jacobian(
     return _diag(xp, xp.reshape(d, (-1,)))
 
 
+@array_arguments("y")
 def softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
     r"""The Jacobian of the softmax over the last axis, from its output.
 
@@ -606,6 +621,7 @@ def softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
     return _block_diagonal(xp, blocks)
 
 
+@array_arguments("y")
 def log_softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
     r"""The Jacobian of the log-softmax over the last axis, from its output.
 
@@ -628,6 +644,7 @@ def log_softmax_jacobian(y: Any, /, *, xp: Any = None) -> Any:
     return _block_diagonal(xp, blocks)
 
 
+@array_arguments("probs", "target")
 def cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None) -> Any:
     r"""Jacobian of the per-sample cross-entropies by the probabilities.
 
@@ -663,6 +680,7 @@ def cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None) -> Any
     return xp.reshape(eye_n * xp.reshape(rows, (1, n, k)), (n, n * k))
 
 
+@array_arguments("probs", "target")
 def binary_cross_entropy_jacobian(probs: Any, target: Any, /, *, xp: Any = None) -> Any:
     r"""Jacobian of the elementwise binary cross-entropies by the probabilities.
 
@@ -807,6 +825,8 @@ def check_grad(
     >>> check_grad(lambda v: (v**2).sum(), x, 2 * x).ok
     True
     """
+    check_array_argument(x, "x")
+    check_array_argument(grad, "grad")
     xp = get_namespace(x, grad)
     if tuple(grad.shape) != tuple(x.shape):
         raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from ._checks import astype, check_floating, compute_dtype
 from ._dispatch import dispatchable
-from ._namespace import get_namespace
+from ._namespace import array_arguments, get_namespace
 
 __all__ = ["linear", "linear_vjp"]
 
@@ -29,6 +29,7 @@ def _check_x_w(x: Any, W: Any) -> None:
         )
 
 
+@array_arguments("x", "W", "b", optional=("b",))
 @dispatchable
 def linear(x: Any, W: Any, /, b: Any = None, *, xp: Any = None) -> Any:
     r"""Affine map ``x @ W + b`` over the last axis of ``x``.
@@ -89,6 +90,7 @@ def linear(x: Any, W: Any, /, b: Any = None, *, xp: Any = None) -> Any:
     return astype(xp, y, out_dtype)
 
 
+@array_arguments("g", "x", "W")
 @dispatchable
 def linear_vjp(
     g: Any, x: Any, W: Any, /, *, need_dx: bool = True, xp: Any = None

@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 
 from . import activations as _act
-from ._namespace import Backend, get_namespace, to_numpy
+from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
 from ._namespace import backend as _make_backend
-from .linear import linear as _linear
-from .linear import linear_vjp as _linear_vjp
+from .data import check_seed
+from .linear import linear as _checked_linear
+from .linear import linear_vjp as _checked_linear_vjp
 
 __all__ = [
     "ACTIVATIONS",
@@ -55,10 +56,24 @@ __all__ = [
     "Tanh",
     "activation",
     "from_config",
+    "param_shapes",
     "resolve_backend",
 ]
 
 _FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def _unchecked(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` without its argument-type checks (still dispatched to fast paths).
+
+    Layers call kernels on arrays they made or checked on the way in
+    (:meth:`Module.forward`, :meth:`Module.backward`), at every step.
+    """
+    return getattr(kernel, "__gradcore_unchecked__", kernel)
+
+
+_linear = _unchecked(_checked_linear)
+_linear_vjp = _unchecked(_checked_linear_vjp)
 
 
 def resolve_backend(backend: Backend | str | None = None, device: Any = None) -> Backend:
@@ -109,7 +124,7 @@ def _check_backend_dtype(backend: Backend, dtype: str) -> None:
 def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(0 if seed is None else seed)
+    return np.random.default_rng(0 if seed is None else check_seed(seed))
 
 
 class Module:
@@ -175,6 +190,7 @@ class Module:
             raise RuntimeError(
                 "backward() needs a forward() first (each forward allows one backward)"
             )
+        check_array_argument(g, "g")
         self._xp_seen = None
         return self._backward(g, xp, need_input_grad)
 
@@ -183,6 +199,12 @@ class Module:
 
         ``batch_size`` splits large inputs into chunks to bound the memory used.
         """
+        if batch_size is not None and (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         x, xp = self._input(x)
         n = int(x.shape[0])
         if batch_size is None or n <= batch_size:
@@ -199,6 +221,7 @@ class Module:
             return self.backend.asarray(x, dtype=self.dtype), xp
         if isinstance(x, (list, tuple)):
             return self.backend.asarray(np.asarray(x), dtype=self.dtype), xp
+        check_array_argument(x, "x")
         found = get_namespace(x)
         if found is not xp:
             raise TypeError(
@@ -246,6 +269,8 @@ class Module:
             If names are missing or unexpected (with ``strict``), or a shape differs;
             the message lists them.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -267,9 +292,21 @@ class Module:
         for name in own:
             if name in state:
                 host = np.array(to_numpy(state[name]), copy=True)
+                if host.dtype.kind not in "fiu":
+                    raise ValueError(
+                        f"state dict entry {name!r} must hold real numbers, got dtype {host.dtype}"
+                    )
                 if not np.all(np.isfinite(host)):
                     raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
-                new[name] = self.backend.asarray(host, dtype=self.dtype)
+                with np.errstate(over="ignore"):  # overflow is reported below, by name
+                    cast = self.backend.asarray(host, dtype=self.dtype)
+                if not np.all(np.isfinite(to_numpy(cast))):
+                    # 1e300 is finite in float64 and inf in float32.
+                    raise ValueError(
+                        f"state dict entry {name!r} overflows the model's dtype {self.dtype} "
+                        f"(largest magnitude {float(np.max(np.abs(host))):.3g})"
+                    )
+                new[name] = cast
         self._assign(new)
         return self
 
@@ -478,16 +515,16 @@ class ReLU(_Activation):
     r"""``max(x, 0)``; keeps the output ``y`` for :func:`gradcore.relu_vjp`."""
 
     name = "relu"
-    _kernel = staticmethod(_act.relu)
-    _kernel_vjp = staticmethod(_act.relu_vjp)
+    _kernel = staticmethod(_unchecked(_act.relu))
+    _kernel_vjp = staticmethod(_unchecked(_act.relu_vjp))
 
 
 class LeakyReLU(_Activation):
     r"""``x`` where positive, ``negative_slope * x`` elsewhere; keeps the output."""
 
     name = "leaky_relu"
-    _kernel = staticmethod(_act.leaky_relu)
-    _kernel_vjp = staticmethod(_act.leaky_relu_vjp)
+    _kernel = staticmethod(_unchecked(_act.leaky_relu))
+    _kernel_vjp = staticmethod(_unchecked(_act.leaky_relu_vjp))
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
@@ -510,24 +547,24 @@ class Sigmoid(_Activation):
     r"""``1 / (1 + exp(-x))``; keeps the output ``y`` (the derivative is ``y(1-y)``)."""
 
     name = "sigmoid"
-    _kernel = staticmethod(_act.sigmoid)
-    _kernel_vjp = staticmethod(_act.sigmoid_vjp)
+    _kernel = staticmethod(_unchecked(_act.sigmoid))
+    _kernel_vjp = staticmethod(_unchecked(_act.sigmoid_vjp))
 
 
 class Tanh(_Activation):
     r"""``tanh(x)``; keeps the output ``y`` (the derivative is ``1 - y**2``)."""
 
     name = "tanh"
-    _kernel = staticmethod(_act.tanh)
-    _kernel_vjp = staticmethod(_act.tanh_vjp)
+    _kernel = staticmethod(_unchecked(_act.tanh))
+    _kernel_vjp = staticmethod(_unchecked(_act.tanh_vjp))
 
 
 class GELU(_Activation):
     r"""GELU, tanh approximation; keeps the input ``x`` for :func:`gradcore.gelu_vjp`."""
 
     name = "gelu"
-    _kernel = staticmethod(_act.gelu)
-    _kernel_vjp = staticmethod(_act.gelu_vjp)
+    _kernel = staticmethod(_unchecked(_act.gelu))
+    _kernel_vjp = staticmethod(_unchecked(_act.gelu_vjp))
     _saves_input = True
 
 
@@ -543,6 +580,8 @@ ACTIVATIONS: dict[str, type[_Activation]] = {
 
 def activation(name: str) -> Module:
     """The activation layer called ``name`` (one of :data:`ACTIVATIONS`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a name, one of {', '.join(ACTIVATIONS)}; got {name!r}")
     key = name.strip().lower().replace("-", "_")
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
@@ -695,9 +734,11 @@ class MLP(Sequential):
         backend: Backend | str | None = None,
         device: Any = None,
     ) -> None:
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"sizes must list at least two positive widths, got {sizes!r}")
+        sizes = _check_sizes(sizes)
+        if not isinstance(activation, str):
+            raise TypeError(
+                f"activation must be a name, one of {', '.join(ACTIVATIONS)}; got {activation!r}"
+            )
         key = activation.strip().lower().replace("-", "_")
         if key not in ACTIVATIONS:
             raise ValueError(
@@ -705,7 +746,7 @@ class MLP(Sequential):
             )
         if init is None:
             init = "xavier" if key in ("sigmoid", "tanh") else "he"
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         target = resolve_backend(backend, device)
         layers: list[Module] = []
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
@@ -730,7 +771,87 @@ class MLP(Sequential):
         }
 
     def __repr__(self) -> str:
+        if len(self.sizes) == 2:  # one Linear layer: no activation is applied
+            return f"MLP({self.sizes}, dtype={self.dtype!r})"
         return f"MLP({self.sizes}, activation={self.activation!r}, dtype={self.dtype!r})"
+
+
+def _check_sizes(sizes: Any) -> list[int]:
+    """Layer widths as Python ints; 2.7 or True is refused, not rounded."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"sizes must be a sequence of layer widths, got {sizes!r}")
+    if len(sizes) < 2 or any(
+        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in sizes
+    ):
+        raise ValueError(f"sizes must list at least two positive integer widths, got {sizes!r}")
+    return [int(w) for w in sizes]
+
+
+def param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    r"""The parameters' names and shapes of the module :meth:`Module.config` describes.
+
+    Nothing is allocated, so a description can be checked against stored arrays (a
+    checkpoint) before the model is built.
+
+    Raises
+    ------
+    ValueError
+        If the description is malformed (wrong types, unknown layer or activation,
+        non-positive or fractional widths, nesting deeper than 100 levels).
+    """
+    return _param_shapes(config, 0)
+
+
+def _param_shapes(config: Any, depth: int) -> dict[str, tuple[int, ...]]:
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"malformed model description: expected a dict, got {type(config).__name__}"
+        )
+    if depth > 100:
+        raise ValueError("malformed model description: nested more than 100 levels deep")
+    kind = config.get("type")
+    dtype = config.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"malformed model description: dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}"
+        )
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise ValueError(f"malformed model description: bias must be true or false, got {bias!r}")
+    try:
+        if kind == "MLP":
+            sizes = _check_sizes(config.get("sizes"))
+            act = config.get("activation")
+            if not isinstance(act, str) or act not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+            shapes: dict[str, tuple[int, ...]] = {}
+            for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+                shapes[f"{2 * i}.W"] = (fan_in, fan_out)
+                if bias:
+                    shapes[f"{2 * i}.b"] = (fan_out,)
+            return shapes
+        if kind == "Linear":
+            fan_in, fan_out = _check_sizes([config.get("in_features"), config.get("out_features")])
+            return {"W": (fan_in, fan_out), **({"b": (fan_out,)} if bias else {})}
+        if kind == "LeakyReLU":
+            slope = config.get("negative_slope")
+            if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not slope > 0:
+                raise ValueError(f"negative_slope must be a positive number, got {slope!r}")
+            return {}
+        if isinstance(kind, str) and kind in {c.__name__ for c in ACTIVATIONS.values()}:
+            return {}
+        if kind == "Sequential":
+            layers = config.get("layers")
+            if not isinstance(layers, list) or not layers:
+                raise ValueError("layers must be a non-empty list")
+            shapes = {}
+            for i, layer in enumerate(layers):
+                for name, shape in _param_shapes(layer, depth + 1).items():
+                    shapes[f"{i}.{name}"] = shape
+            return shapes
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"malformed model description of type {kind!r}: {exc}") from None
+    raise ValueError(f"unknown model type {kind!r} in model description")
 
 
 def from_config(
@@ -747,6 +868,7 @@ def from_config(
     ValueError
         If the description is not one gradcore wrote.
     """
+    param_shapes(config)  # a malformed description is refused before anything is built
     try:
         kind = config["type"]
         dt = dtype or config.get("dtype", "float32")

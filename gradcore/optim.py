@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from ._namespace import Backend, get_namespace
 
@@ -213,6 +214,9 @@ class Optimizer:
         r"""Raise ValueError if ``state`` was not made for these parameters by this optimizer."""
         if not isinstance(state, Mapping) or "step" not in state:
             raise ValueError("optimizer state must be a dict with a 'step' entry")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"optimizer state 'step' must be an integer >= 0, got {step!r}")
         got = sorted(k for k in state if k != "step")
         if got != sorted(self.buffers):
             raise ValueError(
@@ -220,6 +224,11 @@ class Optimizer:
                 "was it saved with another optimizer?"
             )
         for buf in self.buffers:
+            if not isinstance(state[buf], Mapping):
+                raise ValueError(
+                    f"optimizer state buffer {buf!r} must map parameter names to arrays, "
+                    f"got {type(state[buf]).__name__}"
+                )
             names = set(state[buf])
             if names != set(params):
                 raise ValueError(
@@ -232,6 +241,15 @@ class Optimizer:
                 if got_shape != want:
                     raise ValueError(
                         f"optimizer state {buf}[{name!r}] has shape {got_shape}, expected {want}"
+                    )
+                arr = state[buf][name]
+                sxp = get_namespace(arr)
+                if not sxp.isdtype(arr.dtype, "real floating") or not bool(
+                    sxp.all(sxp.isfinite(arr))
+                ):
+                    raise ValueError(
+                        f"optimizer state {buf}[{name!r}] must be finite real numbers "
+                        f"(dtype {arr.dtype})"
                     )
 
     def update(
@@ -570,6 +588,8 @@ def state_to(state: Mapping[str, Any], backend: Backend, dtype: Any = None) -> S
 
     Use it to continue training on another backend (a checkpoint loads on NumPy).
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"optimizer_state must be a dict, got {type(state).__name__}")
     out: State = {}
     for key, value in state.items():
         if isinstance(value, Mapping):

@@ -7,7 +7,8 @@ so any project's tests can ask for these fixtures:
     A :class:`gradcore.Backend`, parametrised over every installed array library:
     ``numpy``, ``numpy_readonly`` (NumPy arrays with the write flag off, so a kernel
     that mutates its input fails), ``array_api_strict`` and ``array_api_strict_device1``
-    (its fake second device), ``torch`` (CPU), ``jax`` (CPU, 64-bit on), ``dask``, and
+    (its fake second device), ``torch`` (CPU), ``jax`` (CPU, 64-bit on during the test,
+    restored after it), ``dask``, and
     ``cupy`` when a CUDA device is visible (marked ``gpu``). Make test inputs with
     ``backend.asarray(numpy_array)``.
 ``xp``
@@ -23,6 +24,8 @@ Helpers: :func:`assert_close` (library, device, dtype and shape checked before v
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +39,7 @@ __all__ = [
     "ReadOnlyNumPyBackend",
     "assert_close",
     "check_vjp",
+    "jax_x64",
     "make_test_backend",
     "no_compute",
 ]
@@ -65,36 +69,65 @@ class ReadOnlyNumPyBackend(Backend):
 
 
 def make_test_backend(test_id: str) -> Backend:
-    """The :class:`Backend` behind a fixture id of :data:`TEST_BACKENDS`."""
+    """The :class:`Backend` behind a fixture id of :data:`TEST_BACKENDS`.
+
+    For ``"jax"`` this only builds the backend; the ``backend`` fixture also turns
+    JAX's 64-bit mode on for the test (see :func:`jax_x64`), so call this inside
+    ``with jax_x64():`` when you need float64 on JAX yourself.
+    """
     if test_id == "numpy_readonly":
         b = backend("numpy")
         return ReadOnlyNumPyBackend(b.name, b.xp, b.device, b._module)
     if test_id == "array_api_strict_device1":
         return backend("array_api_strict", device="device1")
     if test_id == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
         return backend("jax", device="cpu")
     return backend(test_id)
 
 
-def _installed(test_id: str) -> bool:
-    module = {
-        "numpy": "numpy",
-        "numpy_readonly": "numpy",
-        "array_api_strict": "array_api_strict",
-        "array_api_strict_device1": "array_api_strict",
-        "torch": "torch",
-        "jax": "jax",
-        "dask": "dask.array",
-        "cupy": "cupy",
-    }[test_id]
+@contextlib.contextmanager
+def jax_x64(enabled: bool = True) -> Iterator[None]:
+    """Set JAX's ``jax_enable_x64`` inside the block and restore the previous value after.
+
+    The ``backend``/``xp`` fixtures run their JAX tests inside this block, so 64-bit
+    mode never leaks into tests that do not ask for it.
+    """
+    import jax
+
+    previous = bool(jax.config.read("jax_enable_x64"))
+    jax.config.update("jax_enable_x64", enabled)
     try:
-        __import__(module)
-    except ImportError:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+#: The importable top-level module behind each backend id.
+_MODULES = {
+    "numpy": "numpy",
+    "numpy_readonly": "numpy",
+    "array_api_strict": "array_api_strict",
+    "array_api_strict_device1": "array_api_strict",
+    "torch": "torch",
+    "jax": "jax",
+    "dask": "dask",
+    "cupy": "cupy",
+}
+
+
+def _installed(test_id: str) -> bool:
+    """Whether the backend's library is installed, found without importing it.
+
+    Importing torch, JAX or Dask takes seconds; the plugin is loaded in every project
+    where gradcore is installed, so a backend is imported only when a test asks for it.
+    """
+    module = _MODULES[test_id]
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: a blocked import
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def _cuda_visible() -> bool:
@@ -218,6 +251,7 @@ def check_vjp(
     rtol: float | None = None,
     atol: float = 1e-9,
     seed: int = 0,
+    vjp_takes: str = "input",
 ) -> None:
     r"""Check a VJP against central finite differences along a random direction.
 
@@ -233,6 +267,7 @@ def check_vjp(
     f_vjp : callable
         ``f_vjp(v, *args) -> grad`` with the gradient of ``<v, f(*args)>`` with respect
         to ``args[argnum]`` (return a tuple and the ``argnum``-th element is used).
+        With ``vjp_takes="output"`` it is called as ``f_vjp(v, f(*args))`` instead.
     *args : array
         The point; ``args[argnum]`` is perturbed. Arrays of any library; floating
         arrays are cast to float64 in their own library first, so that the finite
@@ -248,12 +283,29 @@ def check_vjp(
         1e-3 in float32 (which only catches gross errors).
     seed : int
         Seed of the random directions.
+    vjp_takes : {"input", "output"}
+        What ``f_vjp`` takes after ``v``: the inputs ``*args`` (default), or the output
+        ``y = f(*args)``, as gradcore's ``relu_vjp``, ``sigmoid_vjp``, ``tanh_vjp``,
+        ``softmax_vjp`` and ``log_softmax_vjp`` do. Wrap other signatures in a lambda
+        (``lambda v, x: f_vjp(v, x, W)``).
 
     Raises
     ------
     AssertionError
         When the two inner products differ, with both values.
+    ValueError
+        For an unknown ``vjp_takes``.
+
+    Examples
+    --------
+    >>> import numpy as np, gradcore
+    >>> from gradcore.testing import check_vjp
+    >>> x = np.linspace(-2.0, 2.0, 7)
+    >>> check_vjp(gradcore.sigmoid, gradcore.sigmoid_vjp, x, vjp_takes="output")
+    >>> check_vjp(gradcore.gelu, gradcore.gelu_vjp, x)  # gelu_vjp(g, x) takes the input
     """
+    if vjp_takes not in ("input", "output"):
+        raise ValueError(f"vjp_takes must be 'input' or 'output', got {vjp_takes!r}")
     args = tuple(_as_float64(a) for a in args)
     xp = array_api_compat.array_namespace(args[argnum])
     x = args[argnum]
@@ -276,7 +328,7 @@ def check_vjp(
         return to_numpy(f(*shifted)).astype(np.float64)
 
     jvp = (at(eps) - at(-eps)) / (2 * eps)
-    grad = f_vjp(v, *args)
+    grad = f_vjp(v, y) if vjp_takes == "output" else f_vjp(v, *args)
     if isinstance(grad, tuple):
         grad = grad[argnum]
     lhs = float(np.sum(v_np * jvp))
@@ -369,7 +421,7 @@ def pytest_runtest_setup(item: Any) -> None:
 _backend_cache: dict[str, Backend] = {}
 
 
-def _backend_fixture(request: Any) -> Backend:
+def _backend_fixture(request: Any) -> Iterator[Backend]:
     import pytest
 
     name = request.param
@@ -378,8 +430,17 @@ def _backend_fixture(request: Any) -> Backend:
             pytest.skip(f"{name} is not installed")
         if name == "cupy" and not _cuda_visible():
             pytest.skip("needs a CUDA device")
-        _backend_cache[name] = make_test_backend(name)
-    return _backend_cache[name]
+        try:
+            _backend_cache[name] = make_test_backend(name)
+        except (ImportError, ValueError) as exc:  # installed but broken or blocked
+            pytest.skip(f"{name} cannot be used here: {exc}")
+    if name == "jax":
+        # 64-bit for this test only: a test that does not use the fixture keeps the
+        # user's setting (float32 by default), whatever ran before it.
+        with jax_x64():
+            yield _backend_cache[name]
+        return
+    yield _backend_cache[name]
 
 
 def _xp_fixture(backend: Backend) -> Any:

@@ -31,8 +31,8 @@ import numpy as np
 from . import losses as _losses
 from . import nn as _nn
 from . import optim as _optim
-from ._namespace import Backend, get_namespace, to_numpy
-from .data import check_dataset
+from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
+from .data import check_dataset, check_seed, npz_headers
 
 if TYPE_CHECKING:
     from .distributed import Communicator
@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "History",
     "NonFiniteLossError",
+    "checkpoint_path",
     "evaluate",
     "fit",
     "load",
@@ -197,6 +198,8 @@ def _prepare(
             y_np, dtype=_label_dtype(b) if classification else model.dtype
         )
     # Arrays already on a device: check them there (one synchronisation).
+    check_array_argument(X, f"{name}: X")
+    check_array_argument(y, f"{name}: y")
     xp = get_namespace(X, y)
     if xp is not b.xp:
         X, y = b.asarray(X), b.asarray(y)
@@ -210,6 +213,7 @@ def _prepare(
         raise ValueError(f"{name}: X contains NaN or infinity")
     X = xp.astype(X, getattr(xp, model.dtype))
     if classification:
+        _check_device_labels(xp, y, name)
         y = xp.astype(y, _label_dtype(b))
     else:
         if not bool(xp.all(xp.isfinite(y))):
@@ -220,12 +224,39 @@ def _prepare(
     return X, y
 
 
+def _check_device_labels(xp: Any, y: Any, name: str) -> None:
+    """The checks the NumPy path makes on class labels, made where the labels live.
+
+    Casting to the index dtype would truncate 1.7 to 1 (and turn NaN into anything)
+    without a word, so fractional and non-finite labels are refused first.
+    """
+    if y.ndim != 1:
+        raise ValueError(
+            f"{name}: cross_entropy needs 1-D integer class labels, got y of shape {tuple(y.shape)}"
+        )
+    if xp.isdtype(y.dtype, "real floating"):
+        if not bool(xp.all(xp.isfinite(y))):
+            raise ValueError(f"{name}: y contains NaN or infinity")
+        if not bool(xp.all(y == xp.round(y))):
+            raise ValueError(
+                f"{name}: cross_entropy needs integer class labels, got fractions in y"
+            )
+    elif not xp.isdtype(y.dtype, ("integral", "bool")):
+        raise ValueError(f"{name}: class labels must be integers, got y of dtype {y.dtype}")
+
+
 def _label_dtype(b: Backend) -> Any:
     """The backend's default index dtype (int64, or int32 on JAX without 64-bit mode)."""
     try:
         return b.xp.__array_namespace_info__().default_dtypes(device=b.device)["indexing"]
     except (AttributeError, TypeError, KeyError):
         return b.xp.int64
+
+
+def _positive_int(value: Any, label: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _check_outputs(
@@ -236,7 +267,13 @@ def _check_outputs(
     name: str,
     ignore_index: int | None = None,
 ) -> None:
-    out = model.predict(X[:1, ...])
+    try:
+        out = model.predict(X[:1, ...])
+    except ValueError as exc:
+        raise ValueError(
+            f"{name}: X has {int(X.shape[1])} features per sample, which the model does not "
+            f"take ({exc})"
+        ) from None
     width = int(out.shape[-1])
     if classification:
         y = _labels_for_checks(y, ignore_index)
@@ -382,6 +419,7 @@ def evaluate(
     dict
         ``{"loss": float, "accuracy": float or None}``.
     """
+    batch_size = _positive_int(batch_size, "batch_size")
     loss_fn, classification = _loss_fn(loss)
     X, y = _prepare(X, y, classification=classification, model=model, name="evaluation data")
     return _evaluate(model, X, y, _batch_metrics(model, loss, loss_fn, classification), batch_size)
@@ -558,8 +596,9 @@ def fit(
         When the loss becomes NaN or infinite; the message names the step.
     """
     for label, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        _positive_int(value, label)
+    if check_every is not None:
+        check_every = _positive_int(check_every, "check_every")
     if backend is not None:
         model.to(backend)
     b = model.backend
@@ -646,7 +685,7 @@ def fit(
         jit_step = _jax_step(model, loss_fn, loss_options, opt, classification, _label_dtype(b))
     n = int(X.shape[0])
     steps = math.ceil(n / batch_size)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     history = History()
     bar = _progress_bar(progress and (dp is None or dp.comm.rank == 0), epochs * n)
     step0 = int(state["step"])
@@ -799,6 +838,28 @@ class Checkpoint:
         return model
 
 
+def checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`save` writes for ``path``: ``.npz`` appended unless it ends so.
+
+    The suffix is compared without regard to case (``x.NPZ`` stays ``x.NPZ``).
+    :func:`load` reads ``path`` itself when it exists, else this file, so
+    ``save("ck", ...)`` and ``load("ck")`` name the same checkpoint.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path, got {type(path).__name__}")
+    p = Path(path)
+    if p.suffix.lower() != ".npz":
+        p = p.with_name(p.name + ".npz")
+    return p
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(
     path: str | os.PathLike[str],
     model: _nn.Module,
@@ -815,7 +876,8 @@ def save(
     Parameters
     ----------
     path : str or path
-        Where to write (``.npz`` is appended if missing).
+        Where to write (``.npz`` is appended if missing, see :func:`checkpoint_path`).
+        The file gets the mode the user's umask gives new files.
     model : gradcore.nn.Module
     optimizer_state : dict, optional
         From ``History.optimizer_state`` or an optimizer's ``update``.
@@ -827,9 +889,7 @@ def save(
     pathlib.Path
         The path written.
     """
-    p = Path(path)
-    if p.suffix != ".npz":
-        p = p.with_name(p.name + ".npz")
+    p = checkpoint_path(path)
     arrays: dict[str, np.ndarray] = {}
     for name, value in model.state_dict().items():
         arrays[f"param/{name}"] = np.asarray(to_numpy(value))
@@ -857,6 +917,9 @@ def save(
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
+        # mkstemp makes the file private (0600); a checkpoint gets the mode any other
+        # new file of the user gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -867,46 +930,139 @@ def save(
 def load(path: str | os.PathLike[str]) -> Checkpoint:
     r"""Read a checkpoint written by :func:`save`.
 
+    ``path`` is read as given when that file exists, else as :func:`save` would have
+    named it (``"ck"`` reads ``ck.npz``). Every array's shape is read from the archive's
+    headers and checked against the saved model description before any array is
+    loaded, so a crafted file cannot make this allocate more than it holds.
+
     Raises
     ------
     FileNotFoundError
         If there is no such file.
     ValueError
         If the file is not a readable gradcore checkpoint (corrupt, truncated, another
-        kind of ``.npz``, or a newer format).
+        kind of ``.npz``, a newer format, a malformed header, parameters that do not
+        fit the saved model, or non-finite or non-real numbers).
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {str(p)!r}")
+        alt = checkpoint_path(p)
+        if alt == p or not alt.is_file():
+            raise FileNotFoundError(f"no such checkpoint: {str(p)!r}")
+        p = alt
+    try:
+        entries = npz_headers(p)
+    except ValueError as exc:
+        text = str(exc).removeprefix(f"{p.name}: ")
+        inner = text.removeprefix("not a readable .npz file (")
+        reason = inner[:-1] if inner != text and inner.endswith(")") else text
+        raise ValueError(f"{p.name} is not a readable checkpoint ({reason})") from None
+    if "__header__" not in entries:
+        raise ValueError(f"{p.name} is an .npz file but not a gradcore checkpoint (no header)")
+    header_shape, header_dtype = entries.pop("__header__")
+    if header_shape != () or header_dtype.kind != "U" or header_dtype.itemsize > 4 * 2**20:
+        raise ValueError(f"{p.name}: corrupt checkpoint header (not a short text)")
+    header = _read_header(p)
+    model_config = header["model"]
+    expected = _nn.param_shapes(model_config) if model_config is not None else None
+    params_shapes: dict[str, tuple[int, ...]] = {}
+    for key, (shape, dtype) in entries.items():
+        kind, _, rest = key.partition("/")
+        if kind not in ("param", "opt") or not rest or (kind == "opt" and "/" not in rest):
+            raise ValueError(f"{p.name}: unexpected entry {key!r} in checkpoint")
+        if kind == "opt" and header["optimizer"] is None:
+            raise ValueError(f"{p.name}: optimizer entry {key!r} but the header has no optimizer")
+        if dtype.kind != "f":
+            raise ValueError(f"{p.name}: entry {key!r} must hold real floats, got dtype {dtype}")
+        name = rest if kind == "param" else rest.partition("/")[2]
+        if expected is not None:
+            if name not in expected:
+                raise ValueError(
+                    f"{p.name}: entry {key!r} names no parameter of the saved model "
+                    f"(expected {', '.join(expected)})"
+                )
+            if shape != expected[name]:
+                raise ValueError(
+                    f"{p.name}: entry {key!r} has shape {shape} but the saved model's "
+                    f"{name!r} has shape {expected[name]}"
+                )
+        if kind == "param":
+            params_shapes[name] = shape
+    if not params_shapes:
+        raise ValueError(f"{p.name}: checkpoint holds no parameters")
+    if expected is not None and set(expected) != set(params_shapes):
+        missing = sorted(set(expected) - set(params_shapes))
+        raise ValueError(f"{p.name}: checkpoint lacks parameters {', '.join(missing)}")
     try:
         with np.load(p, allow_pickle=False) as f:
-            contents = {k: f[k] for k in f.files}
+            contents = {k: f[k] for k in f.files if k != "__header__"}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
-        # A file that is no zip archive makes NumPy refuse to unpickle it: ValueError.
-        reason = "not an .npz archive" if "pickle" in str(exc) else str(exc).splitlines()[0]
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{p.name} is not a readable checkpoint ({reason})") from None
-    if "__header__" not in contents:
-        raise ValueError(f"{p.name} is an .npz file but not a gradcore checkpoint (no header)")
+    params: dict[str, np.ndarray] = {}
+    opt_state: dict[str, Any] | None = None
+    if header["optimizer"] is not None:
+        opt_state = dict(header["optimizer"]["scalars"])
+    for key, arr in contents.items():
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{p.name}: entry {key!r} contains NaN or infinity")
+        kind, _, rest = key.partition("/")
+        if kind == "param":
+            params[rest] = arr
+        elif opt_state is not None:
+            buf, _, name = rest.partition("/")
+            opt_state.setdefault(buf, {})[name] = arr
+    return Checkpoint(params, opt_state, model_config, header["meta"])
+
+
+def _read_header(p: Path) -> dict[str, Any]:
+    """The checkpoint's JSON header, every field checked for its type."""
     try:
-        header = json.loads(str(contents.pop("__header__")))
+        with np.load(p, allow_pickle=False) as f:
+            text = str(f["__header__"])
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{p.name} is not a readable checkpoint ({reason})") from None
+    try:
+        header = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p.name}: corrupt checkpoint header ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{p.name}: corrupt checkpoint header (nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise ValueError(f"{p.name}: unsupported checkpoint format {found!r} (expected {_FORMAT})")
-    params: dict[str, np.ndarray] = {}
-    opt_state: dict[str, Any] | None = None
-    if header.get("optimizer") is not None:
-        opt_state = dict(header["optimizer"].get("scalars", {}))
-    for key, arr in contents.items():
-        kind, _, rest = key.partition("/")
-        if kind == "param" and rest:
-            params[rest] = arr
-        elif kind == "opt" and opt_state is not None and "/" in rest:
-            buf, _, name = rest.partition("/")
-            opt_state.setdefault(buf, {})[name] = arr
-        else:
-            raise ValueError(f"{p.name}: unexpected entry {key!r} in checkpoint")
-    if not params:
-        raise ValueError(f"{p.name}: checkpoint holds no parameters")
-    return Checkpoint(params, opt_state, header.get("model"), dict(header.get("meta") or {}))
+    model = header.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise ValueError(f"{p.name}: checkpoint header 'model' must be an object or null")
+    if model is not None:
+        try:
+            _nn.param_shapes(model)
+        except ValueError as exc:
+            raise ValueError(f"{p.name}: {exc}") from None
+    optimizer = header.get("optimizer")
+    if optimizer is not None:
+        scalars = optimizer.get("scalars", {}) if isinstance(optimizer, dict) else None
+        if not isinstance(scalars, dict):
+            raise ValueError(
+                f"{p.name}: checkpoint header 'optimizer' must be null or an object with "
+                f"'scalars', got {optimizer!r:.80}"
+            )
+        step = scalars.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(
+                f"{p.name}: checkpoint optimizer 'step' must be an integer >= 0, got {step!r:.80}"
+            )
+        for key, value in scalars.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    f"{p.name}: checkpoint optimizer scalar {key!r} must be a number, "
+                    f"got {value!r:.80}"
+                )
+        optimizer = {"scalars": scalars}
+    meta = header.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p.name}: checkpoint header 'meta' must be an object, got {meta!r:.80}")
+    return {"model": model, "optimizer": optimizer, "meta": meta}

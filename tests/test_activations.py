@@ -448,3 +448,24 @@ def test_numpy_integer_axis_is_accepted():
         np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-15)
         g = getattr(gradcore, name + "_vjp")(np.ones_like(x), y, axis=np.int64(0))
         assert g.shape == x.shape
+
+
+# --- non-array arguments are refused by name ----------------------------------------------
+
+_FORWARDS = ["relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax"]
+_VJP_ARGS = {name: ("g", "x" if name == "gelu" else "y") for name in _FORWARDS}
+
+
+@pytest.mark.parametrize("bad", [None, 2.0, 3, True, [1.0, 2.0], "ab"], ids=repr)
+@pytest.mark.parametrize("name", _FORWARDS)
+def test_non_array_arguments_name_the_argument(name, bad):
+    x = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    forward = getattr(gradcore, name)
+    vjp = getattr(gradcore, f"{name}_vjp")
+    with pytest.raises(TypeError, match=r"^x must be an array"):
+        forward(bad)
+    first, second = _VJP_ARGS[name]
+    with pytest.raises(TypeError, match=rf"^{first} must be an array"):
+        vjp(bad, x)
+    with pytest.raises(TypeError, match=rf"^{second} must be an array"):
+        vjp(x, bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -196,3 +197,113 @@ def test_a_file_that_is_no_archive_is_named_so(tmp_path):
         data.load(path)
     assert "not an .npz archive" in str(info.value)
     assert "pickle" not in str(info.value)
+
+
+# --- headers, byte-order marks and ambiguous targets ----------------------------------------
+
+
+def test_csv_byte_order_mark_is_not_a_header(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("1.5,0\n2.5,1\n3.5,1\n".encode("utf-8-sig"))
+    X, y = data.load(path)
+    assert X[:, 0].tolist() == [1.5, 2.5, 3.5]  # the first row is kept
+    assert y.tolist() == [0, 1, 1]
+    path.write_bytes("a,label\n1.5,0\n2.5,1\n".encode("utf-8-sig"))
+    X, _ = data.load(path)
+    assert X[:, 0].tolist() == [1.5, 2.5]
+
+
+def test_csv_header_rule_is_explicit(tmp_path):
+    path = tmp_path / "d.csv"
+    # A typo in the first data row is reported, not dropped as if it were a header.
+    path.write_text("1.0,2x,0\n3.0,4.0,1\n")
+    with pytest.raises(ValueError, match=r"d\.csv: data row 1 \(line 1\) has a non-numeric"):
+        data.load(path)
+    # A first line without any number is a header...
+    path.write_text("x1,x2,y\n1.0,2.0,0\n3.0,4.0,1\n")
+    assert data.load(path)[0].shape == (2, 2)
+    # ... and header= says so explicitly either way.
+    path.write_text("1.0,2.0,0\n3.0,4.0,1\n5.0,6.0,1\n")
+    assert data.load(path, header=True)[0].tolist() == [[3.0, 4.0], [5.0, 6.0]]
+    assert data.load(path, header=False)[0].shape == (3, 2)
+    with pytest.raises(TypeError, match="header"):
+        data.load(path, header="yes")
+
+
+@pytest.mark.parametrize("big", [1e19, -1e19, 2.0**60, 1e300])
+def test_whole_number_targets_beyond_exact_range_are_refused(tmp_path, big):
+    np.savez(tmp_path / "big.npz", X=np.ones((3, 1)), y=np.array([0.0, 1.0, big]))
+    with pytest.raises(ValueError, match=r"big\.npz: y\[2\]: target .* too large"):
+        data.load(tmp_path / "big.npz")
+    _, y = data.load(tmp_path / "big.npz", targets="values")
+    assert y.dtype == np.float64
+    assert y.tolist() == [0.0, 1.0, big]
+    (tmp_path / "big.csv").write_text(f"x,y\n1,0\n2,{big!r}\n")
+    with pytest.raises(ValueError, match=r"big\.csv: line 3: target"):
+        data.load(tmp_path / "big.csv")
+
+
+def test_targets_classes_and_values(tmp_path):
+    np.savez(tmp_path / "f.npz", X=np.ones((3, 1)), y=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"f\.npz: y\[1\]: target 1\.5 is not a whole number"):
+        data.load(tmp_path / "f.npz", targets="classes")
+    assert data.load(tmp_path / "f.npz")[1].dtype == np.float64  # auto: regression
+    with pytest.raises(ValueError, match="targets must be one of"):
+        data.load(tmp_path / "f.npz", targets="labels")
+
+
+def test_bool_targets_are_two_classes(tmp_path):
+    np.savez(tmp_path / "b.npz", X=np.arange(4.0)[:, None], y=np.array([True, False, True, True]))
+    _, y = data.load(tmp_path / "b.npz")
+    assert y.dtype == np.int64
+    assert y.tolist() == [1, 0, 1, 1]
+
+
+def _crafted_npz(path, shape, payload=b"\0" * 16):
+    """An .npz whose member 'X.npy' claims ``shape`` but stores only ``payload``."""
+    import io
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    npy.write(payload)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("X.npy", npy.getvalue())
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(2))
+        zf.writestr("y.npy", buf.getvalue())
+
+
+def test_npz_claiming_a_huge_shape_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "huge.npz"
+    _crafted_npz(path, (100_000, 100_000))  # 80 GB claimed by a file of ~400 bytes
+    assert path.stat().st_size < 1000
+    with pytest.raises(ValueError, match=r"huge\.npz: member 'X' claims shape \(100000, 100000\)"):
+        data.load(path)
+    # A header that is consistent with the data passes the same check.
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, X=np.ones((5, 2)), y=np.arange(5))
+    assert data.npz_headers(ok) == {
+        "X": ((5, 2), np.dtype(np.float64)),
+        "y": ((5,), np.dtype(np.int64)),
+    }
+
+
+def test_npy_renamed_npz_is_named_so(tmp_path):
+    path = tmp_path / "one.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"one\.npz: not a readable \.npz file \(an \.npy file"):
+        data.load(path)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_bad_seeds_name_the_argument(seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.spirals(30, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.linear(30, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.train_test_split(np.ones((4, 1)), np.arange(4), seed=seed)
+    assert data.check_seed(np.int64(3)) == 3

@@ -282,6 +282,7 @@ def test_argument_errors(backend: Any, xp: Any) -> None:
 
 
 def test_jacobian_stays_lazy_on_dask() -> None:
+    pytest.importorskip("dask.array")
     b = gc.backend("dask")
     x = b.asarray(np.array([1.0, 2.0, 3.0]))
     with no_compute():
@@ -633,3 +634,33 @@ def test_docs_code_blocks_run() -> None:
     assert len(blocks) >= 4
     for i, block in enumerate(blocks):
         exec(compile(block, f"backprop.md block {i}", "exec"), {})
+
+
+# --- non-array arguments are refused by name ----------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [None, 2.0, [1.0, 2.0]], ids=repr)
+def test_non_array_arguments_name_the_argument(bad):
+    x = np.full((2, 3), 1.0 / 3.0)
+    cases = [
+        ("values", lambda: gc.mean_jacobian(bad)),
+        ("target", lambda: gc.squared_error_jacobian(x, bad)),
+        ("W", lambda: gc.linear_jacobians(x, bad)),
+        ("derivative", lambda: gc.diagonal_jacobian(bad)),
+        ("x", lambda: gc.activation_jacobian(bad, activation="relu")),
+        ("y", lambda: gc.softmax_jacobian(bad)),
+        ("probs", lambda: gc.cross_entropy_jacobian(bad, x)),
+        ("chain: Jacobian 2", lambda: gc.chain(x, bad)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=rf"^{name} must be an array"):
+            call()
+
+
+def test_jacobian_and_check_grad_name_non_array_points():
+    with pytest.raises(TypeError, match=r"^x must be an array"):
+        gc.jacobian(gc.relu, None)
+    with pytest.raises(TypeError, match=r"^x must be an array"):
+        gc.check_grad(lambda v: v, [1.0], np.ones(1))
+    with pytest.raises(TypeError, match=r"^grad must be an array"):
+        gc.check_grad(lambda v: v, np.ones(1), None)

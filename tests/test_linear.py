@@ -274,3 +274,27 @@ def test_linear_vjp_can_skip_the_input_gradient(backend):
     assert dx is None
     assert_close(dW, backend.asarray(x.reshape(6, 4).T @ g.reshape(6, 5)))
     assert_close(db, backend.asarray(g.reshape(6, 5).sum(axis=0)))
+
+
+# --- non-array arguments are refused by name ----------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [None, 2.0, 3, [1.0, 2.0], "ab"], ids=repr)
+def test_non_array_arguments_name_the_argument(bad):
+    x, W, b = np.ones((4, 3)), np.ones((3, 2)), np.ones(2)
+    g = np.ones((4, 2))
+    cases = [
+        ("x", lambda: gradcore.linear(bad, W, b)),
+        ("W", lambda: gradcore.linear(x, bad, b)),
+        ("g", lambda: gradcore.linear_vjp(bad, x, W)),
+        ("x", lambda: gradcore.linear_vjp(g, bad, W)),
+        ("W", lambda: gradcore.linear_vjp(g, x, bad)),
+    ]
+    if bad is not None:  # b=None means "no bias"
+        cases += [
+            ("b", lambda: gradcore.linear(x, W, bad)),
+            ("b", lambda: gradcore.linear(x, W, b=bad)),
+        ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=rf"^{name} must be an array"):
+            call()

@@ -352,3 +352,63 @@ def test_constructor_errors():
         nn.Linear(2, 3, dtype="int32")
     with pytest.raises(ValueError, match="unknown backend"):
         nn.MLP([2, 3], backend="tensorflow")
+
+
+# --- arguments that used to be coerced or crash -------------------------------------------
+
+
+def test_model_arguments_are_refused_not_coerced():
+    with pytest.raises(ValueError, match=r"positive integer widths, got \[2\.7, 3\]"):
+        nn.MLP([2.7, 3])
+    with pytest.raises(ValueError, match="positive integer widths"):
+        nn.MLP([True, 3])
+    with pytest.raises(TypeError, match="sizes must be a sequence"):
+        nn.MLP("23")
+    with pytest.raises(TypeError, match="activation must be a name"):
+        nn.MLP([2, 3, 1], activation=None)
+    with pytest.raises(TypeError, match="activation must be a name"):
+        nn.activation(3)
+    with pytest.raises(TypeError, match="backend name must be a str"):
+        gradcore.backend(None)
+    assert nn.MLP([np.int64(2), 3]).sizes == [2, 3]
+
+
+def test_load_state_dict_refuses_non_real_and_overflowing_values():
+    model = nn.MLP([2, 3])  # float32
+    state = {k: np.asarray(v, dtype=np.float64) for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'0\.W' must hold real numbers"):
+        model.load_state_dict({**state, "0.W": state["0.W"].astype(complex)})
+    with pytest.raises(ValueError, match=r"'0\.W' overflows the model's dtype float32"):
+        model.load_state_dict({**state, "0.W": np.full((2, 3), -1e300)})
+    nn.MLP([2, 3], dtype="float64").load_state_dict({**state, "0.W": np.full((2, 3), 1e300)})
+
+
+def test_bad_seed_names_the_argument():
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        nn.MLP([2, 3], seed=-1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        nn.Linear(2, 3, seed=1.5)
+
+
+def test_model_inputs_name_the_argument():
+    model = nn.MLP([2, 3])
+    for bad in (None, 3.0, "ab"):
+        with pytest.raises(TypeError, match=r"^x must be an array"):
+            model.forward(bad)
+        with pytest.raises(TypeError, match=r"^x must be an array"):
+            model.predict(bad)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        model.load_state_dict(None)
+
+
+def test_repr_of_a_one_layer_mlp_names_no_activation():
+    assert repr(nn.MLP([2, 1])) == "MLP([2, 1], dtype='float32')"
+    assert "activation='tanh'" in repr(nn.MLP([2, 4, 1], activation="tanh"))
+
+
+def test_backward_names_a_non_array_gradient():
+    model = nn.MLP([2, 3, 1])
+    model.forward(np.ones((4, 2), np.float32))
+    for bad in (None, 1.0, [1.0]):
+        with pytest.raises(TypeError, match=r"^g must be an array"):
+            model.backward(bad)

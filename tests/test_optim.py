@@ -239,3 +239,19 @@ def test_schedule_start_shifts_the_count():
     assert s(20) == 0.0
     st = optim.Schedule("step", 1.0, step_size=2, gamma=0.5, start=4)
     assert [st(t) for t in (4, 5, 6, 8)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_check_state_refuses_bad_step_and_non_finite_buffers():
+    params = {"w": np.ones(3)}
+    opt = optim.Adam()
+    state = opt.init(params)
+    opt.check_state(state, params)
+    for step in (-5, True, 1.5, "1"):
+        with pytest.raises(ValueError, match="'step' must be an integer >= 0"):
+            opt.check_state({**state, "step": step}, params)
+    with pytest.raises(ValueError, match=r"m\['w'\] must be finite"):
+        opt.check_state({**state, "m": {"w": np.array([0.0, np.nan, 0.0])}}, params)
+    with pytest.raises(ValueError, match="must map parameter names"):
+        opt.check_state({**state, "v": 5}, params)
+    with pytest.raises(TypeError, match="optimizer_state must be a dict"):
+        optim.state_to([1, 2], gradcore.backend("numpy"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def test_plugin_option_restricts_backends(pytester, monkeypatch):
     pytester.makepyfile(test_inner="def test_a(xp):\n    pass\n")
     reprec = pytester.inline_run("--gradcore-backends=numpy, torch,cupy", *_INNER_ARGS)
     outcomes = _reports(reprec)
-    assert outcomes == {"test_a[numpy]": "passed", "test_a[torch]": "passed"} | {
+    torch_outcome = "passed" if _installed("torch") else "skipped"
+    assert outcomes == {"test_a[numpy]": "passed", "test_a[torch]": torch_outcome} | {
         "test_a[cupy]": "skipped"
     }
 
@@ -428,3 +430,194 @@ def test_no_compute_refuses_a_compute(force):
         force(y)
     # Restored after the block.
     np.testing.assert_array_equal(np.asarray(y), np.full((4, 4), 2.0))
+
+
+# --- the plugin imports no array library until a test asks for it -----------------------
+
+
+def test_configuring_the_plugin_imports_no_backend(tmp_path):
+    # A project that uses none of gradcore's fixtures must not pay for importing
+    # torch, JAX or Dask (seconds) because gradcore is installed. A fresh interpreter
+    # runs a whole session (collection and configure included) and reports from inside
+    # its only test which heavy libraries are loaded by then.
+    import subprocess
+    import sys
+
+    (tmp_path / "test_unrelated.py").write_text(
+        "import sys\n"
+        "def test_nothing_heavy(pytestconfig):\n"
+        "    assert pytestconfig.pluginmanager.hasplugin('gradcore')\n"
+        "    heavy = sorted({'torch', 'jax', 'dask', 'cupy'} & set(sys.modules))\n"
+        "    assert not heavy, f'imported at configure time: {heavy}'\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_unrelated.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
+
+
+def test_jax_64_bit_is_scoped_to_the_tests_using_the_fixture(pytester, monkeypatch):
+    pytest.importorskip("jax")
+    pytester.makepyfile(
+        test_inner="""
+import jax
+import jax.numpy as jnp
+
+def test_before():
+    assert jnp.ones(3).dtype == jnp.float32
+
+def test_uses_fixture(backend, xp):
+    assert xp.ones(3).dtype == xp.float64
+
+def test_after():
+    # the user's setting (32-bit by default) is back
+    assert jnp.ones(3).dtype == jnp.float32
+    assert not jax.config.jax_enable_x64
+"""
+    )
+    monkeypatch.delenv("JAX_ENABLE_X64", raising=False)
+    result = pytester.runpytest_subprocess("--gradcore-backends=jax", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_jax_x64_restores_the_previous_setting():
+    jax = pytest.importorskip("jax")
+    from gradcore.testing import jax_x64
+
+    before = bool(jax.config.jax_enable_x64)
+    with jax_x64(not before):
+        assert bool(jax.config.jax_enable_x64) is (not before)
+    assert bool(jax.config.jax_enable_x64) is before
+
+
+# --- check_vjp with VJPs that take the output ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "x"),
+    [
+        ("sigmoid", np.linspace(-3.0, 3.0, 12)),
+        ("tanh", np.linspace(-2.0, 2.0, 12)),
+        # relu away from its kink at 0, where finite differences see slope 1/2
+        ("relu", np.linspace(-2.05, 2.0, 12).reshape(3, 4)),
+    ],
+)
+def test_check_vjp_with_a_vjp_of_the_output(name, x):
+    f = getattr(gradcore, name)
+    f_vjp = getattr(gradcore, f"{name}_vjp")
+    check_vjp(f, f_vjp, x, vjp_takes="output")
+    # Read as a VJP of the input, the same function is wrong for sigmoid and tanh
+    # (s(1-s) of x is not s'(x)); for relu x > 0 and relu(x) > 0 agree, so take a
+    # deliberately wrong VJP of the output instead.
+    with pytest.raises(AssertionError, match="VJP check failed"):
+        check_vjp(f, lambda g, y: f_vjp(g, y) * 1.01, x, vjp_takes="output")
+    if name != "relu":
+        with pytest.raises(AssertionError, match="VJP check failed"):
+            check_vjp(f, f_vjp, x)
+
+
+def test_check_vjp_output_mode_against_torch_autograd():
+    # An independent reference: the derivative torch's autograd finds, used as the VJP.
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-3.0, 3.0, 9)
+
+    def torch_vjp(g, y):
+        t = torch.tensor(x, requires_grad=True)
+        torch.sigmoid(t).backward(torch.as_tensor(np.asarray(g)))
+        return t.grad.numpy()
+
+    check_vjp(gradcore.sigmoid, torch_vjp, x, vjp_takes="output")
+
+
+def test_check_vjp_refuses_an_unknown_mode():
+    x = np.ones(3)
+    with pytest.raises(ValueError, match="vjp_takes"):
+        check_vjp(gradcore.sigmoid, gradcore.sigmoid_vjp, x, vjp_takes="y")
+
+
+# --- the suite skips, not fails, where torch, JAX and Dask are not installed -----------------
+
+_ABSENT_PLUGIN = '''
+import importlib.machinery, sys
+
+ABSENT = ("torch", "jax", "jaxlib", "dask")
+
+
+class _Absent:
+    """The path finder, blind to ABSENT: find_spec gives None and importing fails,
+    exactly as when they are not installed (and their distributions are not listed)."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in ABSENT:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        for dist in importlib.machinery.PathFinder.find_distributions(*args, **kwargs):
+            if (dist.metadata["Name"] or "").lower() not in ABSENT:
+                yield dist
+
+    @classmethod
+    def invalidate_caches(cls):
+        importlib.machinery.PathFinder.invalidate_caches()
+
+
+sys.meta_path[:] = [_Absent if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+'''
+
+# Tests that needed one of the libraries without saying so (they failed where it was
+# absent), and modules that skip as a whole.
+_ABSENT_TESTS = [
+    "tests/test_cli.py::test_torch_backend_softmax_model_sgd",
+    "tests/test_cli.py::test_bench_runs_the_training_benchmark",
+    "tests/test_jacobian.py::test_jacobian_stays_lazy_on_dask",
+    "tests/test_testing.py::test_plugin_option_restricts_backends",
+    "tests/test_testing.py::test_plugin_fixtures_ids_readonly_and_gpu",
+    "tests/test_readme.py",
+    "tests/test_train.py",
+]
+
+
+def test_suite_skips_where_torch_jax_and_dask_are_absent(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "gradcore_absent_backends.py").write_text(_ABSENT_PLUGIN, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "gradcore_absent_backends",
+            *_ABSENT_TESTS,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "failed" not in proc.stdout
+    assert "error" not in proc.stdout.lower().split("short test summary")[-1]
+    assert re.search(r"could not import 'torch'", proc.stdout), proc.stdout[-2000:]
+    assert re.search(r"could not import 'dask", proc.stdout), proc.stdout[-2000:]

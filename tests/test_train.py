@@ -620,3 +620,221 @@ def test_jax_compiled_training_follows_numpy_and_leaves_no_tracers():
     # the model still predicts eagerly after training
     out = m_jax.predict(X[:4])
     np.testing.assert_allclose(np.asarray(out), m_np.predict(X[:4]), rtol=1e-4, atol=1e-5)
+
+
+# --- class labels are validated the same way on every backend ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0.0, 1.7, 2.0, 0.0], "integer class labels, got fractions"),
+        ([0.0, np.nan, 2.0, 0.0], "NaN or infinity"),
+        ([[0], [1], [2], [0]], "1-D integer class labels"),
+    ],
+    ids=["fraction", "nan", "2-D"],
+)
+def test_class_labels_checked_alike_on_every_backend(backend, labels, message):
+    if backend.name in ("dask", "cupy"):
+        pytest.skip("the check is the same array code; numpy, torch, jax and strict show it")
+    X = backend.asarray(np.ones((4, 2)), dtype="float64")
+    y = backend.asarray(np.asarray(labels, dtype=np.float64))
+    model = nn.MLP([2, 3], dtype="float64", backend=backend)
+    before = gradcore.to_numpy(model.state_dict()["0.W"]).copy()
+    with pytest.raises(ValueError, match=message):
+        fit(
+            model,
+            X,
+            y,
+            loss="cross_entropy",
+            optimizer="sgd",
+            epochs=1,
+            batch_size=2,
+            progress=False,
+        )
+    np.testing.assert_array_equal(gradcore.to_numpy(model.state_dict()["0.W"]), before)
+    # The same labels as NumPy arrays (the host path) give the same error.
+    with pytest.raises(ValueError, match=message):
+        fit(
+            nn.MLP([2, 3]),
+            np.ones((4, 2)),
+            np.asarray(labels),
+            loss="cross_entropy",
+            optimizer="sgd",
+            epochs=1,
+            batch_size=2,
+            progress=False,
+        )
+
+
+# --- malformed arguments and checkpoints are refused with a clear error ----------------------
+
+
+def test_fit_evaluate_predict_refuse_bad_sizes():
+    X, y = _spirals(30)
+    kw = {"loss": "cross_entropy", "optimizer": "sgd", "epochs": 1, "batch_size": 5}
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="check_every must be a positive integer"):
+            fit(nn.MLP([2, 3]), X, y, check_every=bad, progress=False, **kw)
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            evaluate(nn.MLP([2, 3]), X, y, batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            nn.MLP([2, 3]).predict(X, batch_size=bad)
+    with pytest.raises(ValueError, match=r"validation data: X has 3 features per sample"):
+        fit(nn.MLP([2, 3]), X, y, validation=(np.ones((4, 3)), np.zeros(4, int)), **kw)
+    with pytest.raises(ValueError, match=r"training data: X has 2 features per sample"):
+        fit(nn.MLP([5, 3]), X, y, **kw)
+
+
+def _rewrite(path, out, *, header=None, drop=(), **arrays):
+    """A copy of checkpoint ``path`` at ``out`` with header fields and arrays replaced."""
+    with np.load(path) as f:
+        contents = {k: f[k] for k in f.files if k not in drop}
+    h = json.loads(str(contents["__header__"]))
+    if header is not None:
+        h = header(h)
+    contents["__header__"] = np.asarray(h if isinstance(h, str) else json.dumps(h))
+    contents.update(arrays)
+    np.savez(out, **contents)
+    return out
+
+
+def _set(key, value):
+    def change(h):
+        h[key] = value
+        return h
+
+    return change
+
+
+def _set_model(key, value):
+    def change(h):
+        h["model"][key] = value
+        return h
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("header", "arrays", "message"),
+    [
+        (_set("optimizer", 5), {}, "'optimizer' must be null or an object"),
+        (_set("meta", [1, 2]), {}, "'meta' must be an object"),
+        (_set("model", [1]), {}, "'model' must be an object"),
+        (_set_model("activation", 3), {}, "activation must be one of"),
+        (_set_model("sizes", [2, 2.5, 3]), {}, "positive integer widths"),
+        (_set_model("sizes", "abc"), {}, "sequence of layer widths"),
+        (_set_model("bias", "yes"), {}, "bias must be true or false"),
+        (_set_model("dtype", 7), {}, "dtype must be one of"),
+        (lambda h: "[" * 100_000 + "]" * 100_000, {}, "corrupt checkpoint header|unsupported"),
+        (lambda h: {**h, "optimizer": {"scalars": {"step": -5}}}, {}, "'step' must be an integer"),
+        (lambda h: {**h, "optimizer": {"scalars": {"step": "1"}}}, {}, "'step' must be an integer"),
+        (None, {"param/0.W": np.array([["a", "b", "c", "d"]] * 2)}, "must hold real floats"),
+        (None, {"param/0.W": np.ones((2, 4), complex)}, "must hold real floats"),
+        (None, {"param/0.W": np.full((2, 4), np.nan)}, "NaN or infinity"),
+        (None, {"param/0.W": np.ones((3, 4))}, r"shape \(3, 4\) but the saved model's"),
+        (None, {"param/9.W": np.ones((3, 4))}, "names no parameter"),
+        (None, {"opt/m/0.W": np.full((2, 4), np.nan)}, "NaN or infinity"),
+    ],
+    ids=[
+        "optimizer-int",
+        "meta-list",
+        "model-list",
+        "activation-int",
+        "fractional-size",
+        "sizes-string",
+        "bias-string",
+        "dtype-int",
+        "deep-json",
+        "negative-step",
+        "string-step",
+        "string-params",
+        "complex-params",
+        "nan-params",
+        "wrong-shape",
+        "unknown-param",
+        "nan-optimizer-state",
+    ],
+)
+def test_malformed_checkpoints_get_a_value_error(tmp_path, header, arrays, message):
+    model = nn.MLP([2, 4, 3], seed=0)
+    state = optim.Adam().init(model.state_dict())
+    good = save(tmp_path / "good.npz", model, state)
+    bad = _rewrite(good, tmp_path / "bad.npz", header=header, **arrays)
+    with pytest.raises(ValueError, match=message):
+        load(bad).build_model()
+
+
+def test_checkpoint_params_overflowing_the_model_dtype_are_refused(tmp_path):
+    model = nn.MLP([2, 3], seed=0)  # float32
+    good = save(tmp_path / "good.npz", model)
+    bad = _rewrite(good, tmp_path / "bad.npz", **{"param/0.W": np.full((2, 3), 1e300)})
+    ckpt = load(bad)  # finite float64 numbers: readable...
+    with pytest.raises(ValueError, match=r"0\.W.*overflows the model's dtype float32"):
+        ckpt.build_model()  # ... but not as float32
+
+
+def test_checkpoint_claiming_huge_sizes_is_refused_before_allocating(tmp_path):
+    # A ~1 KB file describing an MLP([60000, 60000, 2]): building that model first would
+    # draw 3.6e9 weights (27 GiB) before finding the stored arrays do not fit.
+    model = nn.MLP([2, 4, 2], seed=0)
+    good = save(tmp_path / "good.npz", model)
+    bad = _rewrite(good, tmp_path / "bad.npz", header=_set_model("sizes", [60000, 60000, 2]))
+    assert bad.stat().st_size < 4000
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) but the saved model's '0\.W'"):
+        load(bad)
+    # And a header of an .npy member claiming a huge shape is refused from the zip headers.
+    import io
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "<f4", "fortran_order": False, "shape": (60000, 60000)}
+    )
+    npy.write(b"\0" * 32)
+    crafted = tmp_path / "crafted.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            data_ = npy.getvalue() if info.filename == "param/0.W.npy" else src.read(info)
+            dst.writestr(info.filename, data_)
+    with pytest.raises(ValueError, match=r"crafted\.npz is not a readable checkpoint.*claims"):
+        load(crafted)
+
+
+def test_checkpoint_suffix_file_mode_and_resume_name(tmp_path):
+    import os
+    import stat
+
+    model = nn.MLP([2, 3], seed=0)
+    upper = save(tmp_path / "x.NPZ", model)
+    assert upper.name == "x.NPZ"
+    assert (tmp_path / "x.NPZ").is_file()
+    assert not (tmp_path / "x.NPZ.npz").exists()
+    plain = save(tmp_path / "ck", model)
+    assert plain.name == "ck.npz"
+    # load("ck") reads the file save("ck") wrote.
+    np.testing.assert_array_equal(load(tmp_path / "ck").params["0.W"], model.state_dict()["0.W"])
+    old = os.umask(0o022)
+    try:
+        path = save(tmp_path / "mode.npz", model)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        path = save(tmp_path / "private.npz", model)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_npy_renamed_npz_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "w.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"w\.npz is not a readable checkpoint \(an \.npy file"):
+        load(path)
+
+
+def test_fit_names_non_array_data():
+    kw = {"loss": "mse", "optimizer": "sgd", "epochs": 1, "batch_size": 1}
+    with pytest.raises(TypeError, match="training data: X must be an array"):
+        fit(nn.MLP([2, 1]), None, np.ones(2), **kw)
+    with pytest.raises(TypeError, match="training data: X must be an array"):
+        fit(nn.MLP([2, 1]), "ab", [1.0], **kw)
