@@ -508,7 +508,7 @@ def test_readme_pytorch_jax_section_runs():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Use it from PyTorch / JAX", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 1
+    assert len(blocks) >= 2
     for block in blocks:
         if "import jax" in block:
             pytest.importorskip("jax")
