@@ -117,8 +117,14 @@ def _cupy() -> Any:
     return _cupy_module or None
 
 
-def _route(x: Tensor, *others: Tensor | None, class_last: bool = True) -> str:
-    """``"numpy"``, ``"cupy"`` or ``"generic"`` for a kernel call on these tensors."""
+def _route(
+    x: Tensor, *others: Tensor | None, class_last: bool = True, bf16_kernel: bool = False
+) -> str:
+    """``"numpy"``, ``"cupy"`` or ``"generic"`` for a kernel call on these tensors.
+
+    CuPy has no bfloat16 dtype: bfloat16 reaches CUDA only where gradcore has a kernel
+    on the raw bits (``bf16_kernel``, cross-entropy).
+    """
     if not all(_plain(t) for t in (x, *others)):
         return "generic"
     if x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
@@ -126,6 +132,7 @@ def _route(x: Tensor, *others: Tensor | None, class_last: bool = True) -> str:
     if (
         x.device.type == "cuda"
         and x.dtype in _CUDA_DTYPES
+        and (x.dtype != torch.bfloat16 or bf16_kernel)
         and class_last
         and x.is_contiguous()
         and x.numel() > 0
@@ -168,7 +175,8 @@ def _run(
     device; ``grad`` is ``x`` itself when ``inplace``, else a new tensor laid out as
     ``torch.empty_like(x)``.
     """
-    route = _route(x, *others, class_last=class_last)
+    bf16_kernel = kernel is _losses.softmax_cross_entropy
+    route = _route(x, *others, class_last=class_last, bf16_kernel=bf16_kernel)
     if route == "numpy":
         views = _numpy_views(x, *others)
         if views is not None:
@@ -228,8 +236,6 @@ def _run_cupy(
         if bf16:
             from .backends.cupy import softmax_cross_entropy_bf16
 
-            if kernel is not _losses.softmax_cross_entropy:
-                raise AssertionError("only cross-entropy routes bfloat16 to CuPy")
             loss, _ = softmax_cross_entropy_bf16(xc, rest[0], **target, **arrays, **keywords)
             loss_t = torch.from_dlpack(loss).view(torch.bfloat16)
         else:

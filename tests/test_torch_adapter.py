@@ -565,3 +565,35 @@ def test_cuda_route_takes_the_cupy_fast_path(monkeypatch):
     gt.cross_entropy(x, torch.randint(0, 100, (16,), device="cuda")).backward()
     torch.cuda.synchronize()
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["xent_nd", "xent_soft", "mse", "bce"])
+def test_cuda_other_losses_and_layouts_match_cpu(dtype, case):
+    g = torch.Generator().manual_seed(17)
+    if case.startswith("xent"):
+        shape = (8, 50, 3) if case == "xent_nd" else (16, 50)
+        x = torch.randn(shape, generator=g)
+        if case == "xent_nd":
+            t = torch.randint(0, 50, (8, 3), generator=g)
+        else:
+            t = torch.softmax(torch.randn(shape, generator=g), dim=1)
+        fn = gt.cross_entropy
+    else:
+        x = torch.randn(32, 7, generator=g)
+        t = torch.rand(32, 7, generator=g)
+        fn = gt.mse_loss if case == "mse" else gt.binary_cross_entropy_with_logits
+    x = x.to(dtype)
+    cpu_x = x.double().requires_grad_(True)
+    cpu_t = t.double() if t.is_floating_point() else t
+    fn(cpu_x, cpu_t).backward()
+    dev_x = x.cuda().requires_grad_(True)
+    dev_t = (t.to(dtype) if t.is_floating_point() else t).cuda()
+    loss = fn(dev_x, dev_t)
+    (loss * 3.0).backward()
+    torch.cuda.synchronize()
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(loss.double().cpu(), fn(cpu_x.detach(), cpu_t), rtol=tol, atol=tol)
+    torch.testing.assert_close(dev_x.grad.double().cpu(), 3.0 * cpu_x.grad, rtol=tol, atol=tol)
