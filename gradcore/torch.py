@@ -285,8 +285,10 @@ def _unit(d: Tensor) -> bool:
     )
 
 
-def _scale(grad: Tensor, d: Tensor, axis: int | None) -> Tensor:
+def _scale(grad: Tensor, d: Tensor | None, axis: int | None) -> Tensor | None:
     """``grad`` times the incoming gradient ``d`` (0-d, or per row along ``axis``)."""
+    if d is None:  # the loss took no part in what is differentiated
+        return None
     if _unit(d):
         return grad
     if d.ndim and axis is not None:
@@ -355,8 +357,13 @@ def _class_axis(x: Tensor) -> int:
     return 1 if x.ndim >= 2 else 0
 
 
+# Read once at import: the keywords of the installed kernel (softcap is newer), so that
+# the check costs nothing per call and never has to be traced by torch.compile.
+_XENT_KEYWORDS = frozenset(inspect.signature(_losses.softmax_cross_entropy).parameters)
+
+
 def _kernel_has(name: str) -> bool:
-    return name in inspect.signature(_losses.softmax_cross_entropy).parameters
+    return name in _XENT_KEYWORDS
 
 
 def _xent_keywords(
@@ -435,6 +442,9 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _setup_xent(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    # The gradient output is never differentiated; without this, autograd would hand
+    # the backward a materialised zero tensor for it: a logits-sized allocation.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
     ctx.axis = _class_axis(inputs[0])
@@ -679,6 +689,7 @@ def _(input, target, weight, reduction):
 
 
 def _setup_elementwise(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    ctx.set_materialize_grads(False)  # as in _setup_xent
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
@@ -691,7 +702,7 @@ def _backward_mse(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     (grad,) = ctx.saved_tensors
     g = _scale(grad, d_loss, 0)
     # d/d target of (x - y)^2 is minus d/d input.
-    d_target = -g if ctx.needs_input_grad[1] else None
+    d_target = -g if g is not None and ctx.needs_input_grad[1] else None
     return (g if ctx.needs_input_grad[0] else None, d_target, None, None)
 
 

@@ -597,3 +597,38 @@ def test_cuda_other_losses_and_layouts_match_cpu(dtype, case):
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(loss.double().cpu(), fn(cpu_x.detach(), cpu_t), rtol=tol, atol=tol)
     torch.testing.assert_close(dev_x.grad.double().cpu(), 3.0 * cpu_x.grad, rtol=tol, atol=tol)
+
+
+def _logits_sized_ops(fn, numel):
+    """The PyTorch ops that write a tensor of ``numel`` elements while ``fn`` runs
+    (views such as ``detach`` write nothing and are left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() == numel and not func.is_view:
+                    seen.append(str(func))
+            return out
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_backward_makes_no_pass_over_the_logits():
+    # The kernel's gradient is handed on as is for loss.backward() (upstream exactly 1):
+    # no multiply, and no zero tensor materialised for the op's gradient output.
+    x = torch.randn(64, 37, requires_grad=True)
+    y = torch.randint(0, 37, (64,))
+    for reduction in ("mean", "sum"):
+        x.grad = None
+        loss = gt.cross_entropy(x, y, reduction=reduction)
+        assert _logits_sized_ops(loss.backward, x.numel()) == []
+    # A scaled upstream gradient costs exactly one multiply.
+    x.grad = None
+    loss = gt.cross_entropy(x, y) * 3.0
+    assert _logits_sized_ops(loss.backward, x.numel()) == ["aten.mul.Tensor"]
