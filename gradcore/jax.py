@@ -24,8 +24,9 @@ Cotangents: the predictions/logits get the fused gradient; soft (floating) ``lab
 and ``targets`` get exact cotangents too, computed in the backward only (under ``jit``
 XLA drops them when unused). ``weight`` and ``pos_weight`` are constants: no gradient
 flows to them (as if wrapped in :func:`jax.lax.stop_gradient`). Integer labels have no
-cotangent. Higher derivatives are those of the scaled constant gradient, i.e. not
-supported: use autodiff through a formula for Hessians.
+cotangent. Second derivatives (``jax.hessian``, grad of grad) are exact: JAX
+differentiates the kernel's gradient expression, which the forward computes with
+``jax.numpy`` operations.
 """
 
 from __future__ import annotations

@@ -200,3 +200,26 @@ def test_bad_arguments_raise():
         gj.softmax_cross_entropy(x, y, axis=1, reduction="avg")
     with pytest.raises(ValueError, match="axis"):
         gj.softmax_cross_entropy(x, y, axis=3)
+
+
+def test_second_derivatives_match_autodiff():
+    x, y, _ = _case("float64", "hard", seed=9)
+    x2, y2 = x[:, :, 0], y[:, 0]
+
+    def ours(a):
+        return gj.softmax_cross_entropy(a, y2, label_smoothing=0.1, z_loss=0.01)
+
+    def ref(a):
+        return _reference_xent(a, y2, 1, None, -100, 0.1, "mean", 0.01)
+
+    _close(jax.hessian(ours)(x2), jax.hessian(ref)(x2), "float64")
+    t = jnp.asarray(np.random.default_rng(10).random(x2.shape))
+
+    def bce(a):
+        return gj.binary_cross_entropy_with_logits(a, t, reduction="sum")
+
+    def bce_ref(a):
+        return jnp.sum(-t * jax.nn.log_sigmoid(a) - (1 - t) * jax.nn.log_sigmoid(-a))
+
+    gg = jax.grad(lambda a: jnp.sum(jax.grad(bce)(a) ** 2))(x2)
+    _close(gg, jax.grad(lambda a: jnp.sum(jax.grad(bce_ref)(a) ** 2))(x2), "float64")
