@@ -84,7 +84,7 @@ def _plain(t: Tensor | None) -> bool:
 
 def _numpy_views(*tensors: Tensor | None) -> list[Any] | None:
     """Host NumPy views of CPU tensors (None kept), or None if one has no NumPy dtype."""
-    views = []
+    views: list[Any] = []
     for t in tensors:
         if t is None:
             views.append(None)
@@ -460,9 +460,9 @@ def _backward_xent(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (_scale(grad, d_loss, ctx.axis), None, None, None, None, None, None, None)
 
 
-_backward_xent = torch.autograd.function.once_differentiable(_backward_xent)
-_xent_op.register_autograd(_backward_xent, setup_context=_setup_xent)
-_XentTwin = _functorch_twin(_xent_op, _setup_xent, _backward_xent)
+_backward_xent_once = torch.autograd.function.once_differentiable(_backward_xent)
+_xent_op.register_autograd(_backward_xent_once, setup_context=_setup_xent)
+_XentTwin = _functorch_twin(_xent_op, _setup_xent, _backward_xent_once)
 
 
 def cross_entropy(
@@ -706,9 +706,9 @@ def _backward_mse(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (g if ctx.needs_input_grad[0] else None, d_target, None, None)
 
 
-_backward_mse = torch.autograd.function.once_differentiable(_backward_mse)
-_mse_op.register_autograd(_backward_mse, setup_context=_setup_elementwise)
-_MseTwin = _functorch_twin(_mse_op, _setup_elementwise, _backward_mse)
+_backward_mse_once = torch.autograd.function.once_differentiable(_backward_mse)
+_mse_op.register_autograd(_backward_mse_once, setup_context=_setup_elementwise)
+_MseTwin = _functorch_twin(_mse_op, _setup_elementwise, _backward_mse_once)
 
 
 def mse_loss(
@@ -801,9 +801,9 @@ def _backward_bce(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (_scale(grad, d_loss, 0), None, None, None, None)
 
 
-_backward_bce = torch.autograd.function.once_differentiable(_backward_bce)
-_bce_op.register_autograd(_backward_bce, setup_context=_setup_elementwise)
-_BceTwin = _functorch_twin(_bce_op, _setup_elementwise, _backward_bce)
+_backward_bce_once = torch.autograd.function.once_differentiable(_backward_bce)
+_bce_op.register_autograd(_backward_bce_once, setup_context=_setup_elementwise)
+_BceTwin = _functorch_twin(_bce_op, _setup_elementwise, _backward_bce_once)
 
 
 def binary_cross_entropy_with_logits(
