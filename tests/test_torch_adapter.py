@@ -642,3 +642,24 @@ def test_backward_makes_no_pass_over_the_logits():
     x.grad = None
     loss = gt.cross_entropy(x, y) * 3.0
     assert _logits_sized_ops(loss.backward, x.numel()) == ["aten.mul.Tensor"]
+
+
+def test_every_loss_and_reduction_under_torch_compile_fullgraph():
+    # The fake implementations (shapes of "none", MSE, BCE) only matter when traced.
+    torch._dynamo.reset()
+    x, y, w = _xent_case("nd", "ignored", torch.float64, seed=19)
+    t = torch.rand(3, 5, 4, dtype=torch.float64)
+    pos = torch.full((4,), 2.0, dtype=torch.float64)
+    r = torch.rand(3, 4, dtype=torch.float64) + 0.5
+
+    def total(mod, a):
+        rows = mod.cross_entropy(a, y, w, ignore_index=2, reduction="none", label_smoothing=0.1)
+        mse = mod.mse_loss(a, t, weight=t + 0.5)
+        bce = mod.binary_cross_entropy_with_logits(a, t, pos_weight=pos, reduction="sum")
+        return (rows * r).sum() + 2.0 * mse + bce
+
+    compiled = torch.compile(lambda a: total(gt, a), fullgraph=True)
+    loss, grad = _grad_of(compiled, x, 20)
+    ref_loss, ref_grad = _grad_of(lambda a: total(F, a), x, 20)
+    _close(loss, ref_loss, torch.float64, "loss")
+    _close(grad, ref_grad, torch.float64, "grad")
