@@ -222,6 +222,10 @@ def test_cross_entropy_half_precision_on_cpu_takes_the_generic_path(dtype, monke
 def test_gradients_of_targets_and_weights_are_refused_not_zero():
     x, y, w = _xent_case("2d", "soft", torch.float64)
     with pytest.raises(NotImplementedError, match="target"):
+        torch.func.grad(lambda t: gt.cross_entropy(x, t))(y)
+    with pytest.raises(NotImplementedError, match="target"):
+        torch.func.grad(lambda t: gt.binary_cross_entropy_with_logits(x, t))(torch.rand_like(x))
+    with pytest.raises(NotImplementedError, match="target"):
         gt.cross_entropy(x, y.requires_grad_(True))
     xh, yh, _ = _xent_case("2d", "hard", torch.float64)
     with pytest.raises(NotImplementedError, match="weight"):
@@ -442,6 +446,9 @@ def test_torch_func_grad_matches_autograd():
     _close(ours, ref, torch.float64, "func.grad bce")
     ours = torch.func.grad(lambda a: gt.mse_loss(a, t))(x)
     _close(ours, torch.func.grad(lambda a: F.mse_loss(a, t))(x), torch.float64, "func.grad mse")
+    ours = torch.func.grad(lambda b: gt.mse_loss(x, b, reduction="sum"))(t)
+    ref = torch.func.grad(lambda b: F.mse_loss(x, b, reduction="sum"))(t)
+    _close(ours, ref, torch.float64, "func.grad mse target")
 
 
 def test_torch_func_grad_ignores_inplace():
