@@ -12,6 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
+# Imported at collection: an in-process pytester run elsewhere in the suite restores
+# sys.modules afterwards, and a first import of torch._dynamo inside such a run would
+# be re-executed later and register its operator library twice.
+import torch._dynamo  # noqa: E402
 
 import gradcore  # noqa: E402
 import gradcore.torch as gt  # noqa: E402
