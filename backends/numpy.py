@@ -1137,15 +1137,41 @@ def _xent_softcap(
     return loss, grad
 
 
-#: Columns of ``dW`` per product when a chunk's ``x.T @ g`` is added to it: the
-#: product's block (``H x DW_BLOCK_COLS``) stays in cache for the addition.
-DW_BLOCK_BYTES = 1024 * 1024
+#: Bytes of the scratch block through which ``x.T @ g`` is added to ``dW`` when SciPy's
+#: BLAS (``gemm`` with ``beta=1``) is not installed.
+DW_BLOCK_BYTES = 16 * 1024 * 1024
+#: Use SciPy's ``gemm`` with ``beta=1`` to add each chunk's ``x.T @ g`` to ``dW`` in place.
+USE_SCIPY_GEMM = True
 
 
-def _accumulate_xt_g(dW: np.ndarray, xt: np.ndarray, g: np.ndarray, scratch: np.ndarray) -> None:
-    """``dW += xt @ g`` without a ``dW``-sized temporary: column blocks of the product
-    go through a cache-sized scratch buffer (NumPy's matmul has no ``beta=1``)."""
-    cols = scratch.shape[1]
+def _gemm(dtype: np.dtype) -> Any:
+    """SciPy's BLAS ``gemm`` for ``dtype``, or None without SciPy."""
+    if not USE_SCIPY_GEMM:
+        return None
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return None
+    return blas.sgemm if dtype == np.float32 else blas.dgemm
+
+
+def _accumulate_xt_g(dW: np.ndarray, xt: np.ndarray, g: np.ndarray, gemm: Any) -> None:
+    """``dW += xt @ g`` in place (``dW`` and ``g`` C-contiguous).
+
+    NumPy's matmul has no ``beta=1``; BLAS's ``gemm`` does. In Fortran terms ``dW.T``
+    (C-contiguous ``dW``) is a column-major ``V x H`` matrix, updated as
+    ``g.T @ op(xt) + dW.T`` (``op`` transposes) with no copy of the chunk-sized ``g``. Without SciPy, column
+    blocks of the product go through a scratch buffer and are added block by block.
+    """
+    if gemm is not None:
+        c = dW.T
+        r = gemm(1.0, g.T, xt, beta=1.0, c=c, trans_b=True, overwrite_c=True)
+        if not np.shares_memory(r, c):  # never expected: f2py copied the output
+            np.copyto(c, r)
+        return
+    H = dW.shape[0]
+    cols = max(1, min(g.shape[1], DW_BLOCK_BYTES // (H * dW.dtype.itemsize)))
+    scratch = np.empty((H, cols), dtype=dW.dtype)
     for j0 in range(0, g.shape[1], cols):
         j1 = min(g.shape[1], j0 + cols)
         block = scratch[:, : j1 - j0]
@@ -1219,7 +1245,7 @@ def linear_cross_entropy(
     dW = np.empty((H, V), dtype=dtype)
     db = None if bias is None else np.zeros(V, dtype=np.float64)
     xs = np.empty((rows, H), dtype=dtype) if scale != 1.0 else None
-    scratch = None
+    gemm = _gemm(dtype)
     row_loss = np.empty(N, dtype=dtype) if args.reduction == "none" else None
     total = 0.0
     with np.errstate(all="ignore"):  # NaN rows (unchecked bad labels) propagate as NaN
@@ -1246,10 +1272,7 @@ def linear_cross_entropy(
             if r0 == 0:
                 np.matmul(xc.T, g, out=dW)
             else:
-                if scratch is None:
-                    cols = max(1, min(V, DW_BLOCK_BYTES // (H * dtype.itemsize)))
-                    scratch = np.empty((H, cols), dtype=dtype)
-                _accumulate_xt_g(dW, xc.T, g, scratch)
+                _accumulate_xt_g(dW, xc.T, g, gemm)
             if db is not None:
                 db += np.add.reduce(g, axis=0, dtype=np.float64) * scale
 
