@@ -37,9 +37,10 @@ from .losses import (
 
 __all__ = ["linear_cross_entropy"]
 
-#: Rows per chunk are at least this many (or all rows): smaller matrix products stream
-#: ``W`` from memory once per chunk and fall far below the machine's matmul speed.
-MIN_CHUNK_ROWS = 128
+#: Rows per chunk are at least this many (or all rows): with fewer rows the matrix
+#: products fall well below the machine's matmul speed (OpenBLAS on 2 cores, H = 1024,
+#: V = 32000: 1.65x the unchunked products' time at 128 rows, 1.2x at 256, 1.09x at 512).
+MIN_CHUNK_ROWS = 512
 
 
 class LxentArgs(NamedTuple):

@@ -153,6 +153,21 @@ def test_both_paths_on_numpy_with_every_option(fast):
                 _check(b_np, got, want)
 
 
+def test_numpy_without_scipy_adds_dw_in_column_blocks(monkeypatch):
+    """Without SciPy's gemm, each chunk's x.T @ g reaches dW through column blocks."""
+    from gradcore.backends import numpy as numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "USE_SCIPY_GEMM", False)
+    monkeypatch.setattr(numpy_backend, "DW_BLOCK_BYTES", 6 * 8 * 4)  # blocks of 4 columns
+    x, W, b, labels = _problem(seed=21, N=29, H=6, V=11)
+    for reduction in ("mean", "sum"):
+        want = _torch_lxent(x, W, labels, bias=b, reduction=reduction, label_smoothing=0.1)
+        got = gradcore.linear_cross_entropy(
+            x, W, labels, bias=b, reduction=reduction, label_smoothing=0.1, chunk_size=7
+        )
+        _check(gradcore.backend("numpy"), got, want)
+
+
 def test_without_bias_db_is_none_and_need_dx_false(backend):
     x, W, _, labels = _problem(seed=4)
     want = _torch_lxent(x, W, labels, label_smoothing=0.1)
