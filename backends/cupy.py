@@ -788,3 +788,8 @@ def binary_cross_entropy_with_logits(
         xp=xp,
     )
     return _pointwise(1, logits, targets, weight, pos_weight, reduction, out, inplace)
+
+
+# The fused linear + cross-entropy's CuPy fast path lives beside this module and
+# registers itself when it is imported; the dispatcher imports only this one.
+from . import cupy_linear  # noqa: E402, F401

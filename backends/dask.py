@@ -30,7 +30,7 @@ class axis is split over several chunks, N-d logits and ``axis=0`` take the gene
 path (rechunk the class axis to one chunk, ``x.rechunk({1: -1})``, to get this one).
 For :func:`mse` and :func:`binary_cross_entropy_with_logits`, any shape and any
 chunking: targets are rechunked to the prediction's chunks, and weights are broadcast
-to them. ``out=`` and ``inplace=True`` take the generic path.
+to them. ``out=``, ``inplace=True`` and ``softcap`` take the generic path.
 """
 
 from __future__ import annotations
@@ -222,12 +222,15 @@ def softmax_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
 ) -> Any:
     """One NumPy/CuPy fast-path call per row block of :func:`gradcore.softmax_cross_entropy`."""
     if not _usable(logits) or logits.ndim != 2 or out is not None or inplace is not False:
+        return NotImplemented
+    if softcap is not None:  # the generic body caps lazily; blocks do not (yet)
         return NotImplemented
     if len(logits.chunks[1]) != 1 or not hasattr(labels, "dtype"):
         return NotImplemented

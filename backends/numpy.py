@@ -64,13 +64,15 @@ from gradcore import activations as _act
 from gradcore._checks import check_same_shape
 from gradcore._dispatch import get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
-from gradcore.losses import _validate_bce, _validate_mse, _validate_xent
+from gradcore.linear_xent import _validate_lxent
+from gradcore.losses import _check_softcap, _validate_bce, _validate_mse, _validate_xent
 
 __all__ = [
     "binary_cross_entropy_with_logits",
     "leaky_relu",
     "leaky_relu_vjp",
     "linear",
+    "linear_cross_entropy",
     "linear_vjp",
     "mse",
     "relu",
@@ -339,10 +341,17 @@ def softmax_cross_entropy(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
 ) -> Any:
     """Blocked, threaded NumPy version of :func:`gradcore.softmax_cross_entropy`."""
     if not _xent_prologue(logits, labels, weight, out):
         return NotImplemented
+    if softcap is not None:
+        return _xent_softcap(
+            logits, labels, softcap, axis=axis, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+            check_labels=check_labels, out=out, inplace=inplace,
+        )  # fmt: skip
     args = _validate_xent(
         logits,
         labels,
@@ -1066,3 +1075,229 @@ def linear_vjp(g: Any, x: Any, W: Any, /, *, need_dx: bool = True) -> Any:
     dW = np.matmul(x.reshape(n, n_in).T, g2)
     db = np.add.reduce(g2, axis=0)
     return dx, dW, db
+
+
+# --- softcapped cross-entropy and fused linear + cross-entropy -----------------------------
+#
+# Both wrap the fused cross-entropy above rather than changing it. The soft-cap
+# c*tanh(x/c) is written into the gradient's buffer, the fused kernel runs in place on
+# it, and the result is multiplied by the cap's derivative 1 - tanh(x/c)^2, kept in one
+# logits-sized scratch array. The linear + cross-entropy runs BLAS products into
+# preallocated chunk buffers and the fused kernel in place on each chunk's logits.
+
+
+def _xent_softcap(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    softcap: Any,
+    *,
+    axis: int,
+    weight: Any,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    z_loss: float,
+    check_labels: bool | None,
+    out: Any,
+    inplace: bool,
+) -> Any:
+    """:func:`softmax_cross_entropy` of ``softcap * tanh(logits / softcap)``, chained."""
+    options = {
+        "axis": axis,
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+        "reduction": reduction,
+        "z_loss": z_loss,
+    }
+    _validate_xent(
+        logits, labels, check_labels=check_labels, out=out, inplace=inplace, xp=np_compat,
+        **options,
+    )  # fmt: skip
+    cap = _check_softcap(softcap)
+    assert cap is not None
+    dtype = logits.dtype
+    with np.errstate(all="ignore"):
+        deriv = np.divide(logits, dtype.type(cap))  # every read of logits happens here
+        np.tanh(deriv, out=deriv)
+    dest = logits if inplace else out
+    reads = [labels] + ([] if weight is None else [weight])
+    if dest is None or (not inplace and any(np.may_share_memory(dest, r) for r in reads)):
+        grad = np.empty_like(logits)
+    else:
+        grad = dest
+    np.multiply(deriv, dtype.type(cap), out=grad)
+    np.multiply(deriv, deriv, out=deriv)
+    np.subtract(dtype.type(1.0), deriv, out=deriv)
+    loss, grad = softmax_cross_entropy(grad, labels, check_labels=False, inplace=True, **options)
+    np.multiply(grad, deriv, out=grad)
+    if dest is not None and grad is not dest:
+        np.copyto(dest, grad)
+        grad = dest
+    return loss, grad
+
+
+#: Bytes of the scratch block through which ``x.T @ g`` is added to ``dW`` when SciPy's
+#: BLAS (``gemm`` with ``beta=1``) is not installed.
+DW_BLOCK_BYTES = 16 * 1024 * 1024
+#: Use SciPy's ``gemm`` with ``beta=1`` to add each chunk's ``x.T @ g`` to ``dW`` in place.
+USE_SCIPY_GEMM = True
+
+
+def _gemm(dtype: np.dtype) -> Any:
+    """SciPy's BLAS ``gemm`` for ``dtype``, or None without SciPy."""
+    if not USE_SCIPY_GEMM:
+        return None
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return None
+    return blas.sgemm if dtype == np.float32 else blas.dgemm
+
+
+def _accumulate_xt_g(dW: np.ndarray, xt: np.ndarray, g: np.ndarray, gemm: Any) -> None:
+    """``dW += xt @ g`` in place (``dW`` and ``g`` C-contiguous).
+
+    NumPy's matmul has no ``beta=1``; BLAS's ``gemm`` does. In Fortran terms ``dW.T``
+    (C-contiguous ``dW``) is a column-major ``V x H`` matrix, updated as
+    ``dW.T += g.T @ xt.T`` (``gemm`` told to transpose ``xt``), with no copy of the
+    chunk-sized ``g``. Without SciPy, column blocks of the product go through a scratch
+    buffer and are added block by block.
+    """
+    if gemm is not None:
+        c = dW.T
+        r = gemm(1.0, g.T, xt, beta=1.0, c=c, trans_b=True, overwrite_c=True)
+        if not np.shares_memory(r, c):  # never expected: f2py copied the output
+            np.copyto(c, r)
+        return
+    H = dW.shape[0]
+    cols = max(1, min(g.shape[1], DW_BLOCK_BYTES // (H * dW.dtype.itemsize)))
+    scratch = np.empty((H, cols), dtype=dW.dtype)
+    for j0 in range(0, g.shape[1], cols):
+        j1 = min(g.shape[1], j0 + cols)
+        block = scratch[:, : j1 - j0]
+        np.matmul(xt, g[:, j0:j1], out=block)
+        dW[:, j0:j1] += block
+
+
+@register_fast_path("numpy", "linear_cross_entropy")
+def linear_cross_entropy(
+    x: Any,
+    W: Any,
+    labels: Any,
+    /,
+    *,
+    bias: Any = None,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    need_dx: bool = True,
+    check_labels: bool | None = None,
+) -> Any:
+    """NumPy :func:`gradcore.linear_cross_entropy`: BLAS into reused chunk buffers and
+    the fused cross-entropy in place on each chunk; nothing of size ``N x V``."""
+    if not (_fast_linear_args(x, W, bias) and _plain(labels)):
+        return NotImplemented
+    if (weight is not None and not _plain(weight)) or labels.dtype == np.uint64:
+        return NotImplemented
+    args = _validate_lxent(
+        x, W, labels, bias=bias, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, softcap=softcap,
+        chunk_size=chunk_size, need_dx=need_dx, check_labels=check_labels, xp=np_compat,
+    )  # fmt: skip
+    N, H, V = args.n_rows, args.n_in, args.n_classes
+    if N == 0 or H == 0:
+        return NotImplemented  # degenerate shapes: the generic body handles them
+    dtype = x.dtype
+    rows = min(args.chunk_rows, N)
+    X = x.reshape(N, H)  # a copy only for layouts that cannot be viewed as rows
+    Y = labels.reshape((N, V) if args.soft else (N,))
+
+    if args.reduction == "mean":
+        if args.soft:
+            divisor = float(N)
+        else:
+            lab = Y.astype(np.intp, copy=False)
+            active = (lab != args.ignore_index) & (lab >= 0) & (lab < V)
+            if weight is None:
+                divisor = float(np.count_nonzero(active))
+            else:
+                w64 = np.asarray(weight, dtype=np.float64)
+                divisor = float(np.sum(w64[np.where(active, lab, 0)], where=active))
+        scale = 1.0 / divisor if divisor != 0.0 else 1.0
+    else:
+        divisor, scale = 1.0, 1.0
+
+    xent = {
+        "weight": weight,
+        "ignore_index": args.ignore_index,
+        "label_smoothing": args.label_smoothing,
+        "reduction": "none" if args.reduction == "none" else "sum",
+        "z_loss": args.z_loss,
+        "softcap": args.softcap,
+        "check_labels": False,
+    }
+    Z = np.empty((rows, V), dtype=dtype)  # the one chunk of logits, reused
+    dx = np.empty((N, H), dtype=dtype) if need_dx else None
+    dxt_buf = np.empty((H, rows if need_dx else 0), dtype=dtype)
+    dW = np.empty((H, V), dtype=dtype)
+    db = None if bias is None else np.zeros(V, dtype=np.float64)
+    xs = np.empty((rows, H), dtype=dtype) if scale != 1.0 else None
+    gemm = _gemm(dtype)
+    row_loss = np.empty(N, dtype=dtype) if args.reduction == "none" else None
+    total = 0.0
+    with np.errstate(all="ignore"):  # NaN rows (unchecked bad labels) propagate as NaN
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            n = r1 - r0
+            z, xc = Z[:n], X[r0:r1]
+            np.matmul(xc, W, out=z)
+            if bias is not None:
+                z += bias
+            loss_c, g = _xent_chunk(z, Y[r0:r1], xent)
+            if row_loss is not None:
+                row_loss[r0:r1] = loss_c
+            else:
+                total += float(loss_c)
+            # The mean's 1/divisor goes on the small operands, not on the chunk.
+            if dx is not None:
+                # W @ g.T, then a small transposed copy: OpenBLAS runs g @ W.T with few
+                # rows several times slower (measured: 6x at 128 rows of 32000 classes).
+                dxt = np.matmul(W, g.T, out=dxt_buf[:, :n])
+                d = dx[r0:r1]
+                if scale != 1.0:
+                    np.multiply(dxt.T, dtype.type(scale), out=d)
+                else:
+                    np.copyto(d, dxt.T)
+            if xs is not None:
+                xc = np.multiply(xc, dtype.type(scale), out=xs[:n])
+            if r0 == 0:
+                np.matmul(xc.T, g, out=dW)
+            else:
+                _accumulate_xt_g(dW, xc.T, g, gemm)
+            if db is not None:
+                db += np.add.reduce(g, axis=0, dtype=np.float64) * scale
+
+        if row_loss is not None:
+            loss = row_loss.reshape(x.shape[:-1])
+        elif args.reduction == "mean":
+            loss = np.asarray(total / divisor if divisor != 0.0 else math.nan, dtype=dtype)
+        else:
+            loss = np.asarray(total, dtype=dtype)
+    dx_out = None if dx is None else dx.reshape(x.shape)
+    return loss, dx_out, dW, None if db is None else db.astype(dtype)
+
+
+def _xent_chunk(z: np.ndarray, labels: np.ndarray, options: dict[str, Any]) -> Any:
+    """The fused cross-entropy written over the chunk's logits ``z`` (its gradient)."""
+    result = softmax_cross_entropy(z, labels, inplace=True, **options)
+    if result is NotImplemented:  # a label dtype the fast path leaves to the generic code
+        from gradcore.losses import softmax_cross_entropy as generic
+
+        body = generic.__gradcore_generic__  # type: ignore[attr-defined]
+        result = body(z, labels, inplace=True, xp=np_compat, **options)
+    return result

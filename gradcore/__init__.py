@@ -9,6 +9,7 @@ automatically. See ``docs/backprop.md`` for the math.
 from . import activations as _activations
 from . import jacobian as _jacobian
 from . import linear as _linear
+from . import linear_xent as _linear_xent
 from . import losses as _losses
 from ._dispatch import (
     dispatchable,
@@ -29,6 +30,7 @@ from ._namespace import (
 from .activations import *  # noqa: F403
 from .jacobian import *  # noqa: F403
 from .linear import *  # noqa: F403
+from .linear_xent import *  # noqa: F403
 from .losses import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -50,6 +52,7 @@ __all__ = [
     *_activations.__all__,
     *_jacobian.__all__,
     *_linear.__all__,
+    *_linear_xent.__all__,
     *_losses.__all__,
 ]
 

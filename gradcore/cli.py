@@ -155,6 +155,12 @@ def _build_parser() -> _Parser:
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--seed", type=_seed, default=0, help="seeds the data, the weights, the batches")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument(
+        "--fused-head",
+        action="store_true",
+        help="train the output layer with linear_cross_entropy (the batch's logits are "
+        "never held; no training accuracy is measured)",
+    )
     t.add_argument("--test-size", type=float, default=0.25, help="fraction held out for testing")
     t.add_argument(
         "--save",
@@ -338,6 +344,13 @@ def _train(args: argparse.Namespace) -> int:
         model = nn.MLP(
             sizes, args.activation or "relu", seed=args.seed, dtype=args.dtype, backend=be
         )
+    if args.fused_head:
+        from .train import _last_layer_is_fused_head
+
+        if not classification:
+            raise _UsageError("--fused-head needs a classification dataset (class labels)")
+        if not _last_layer_is_fused_head(model):
+            model = nn.with_fused_head(model)
     epochs = args.epochs or (20 if args.dataset == "digits" else 40)
     args.optimizer = args.optimizer or ("sgd" if kind == "linear" else "adam")
     steps = epochs * -(-X_train.shape[0] // args.batch_size)

@@ -318,6 +318,7 @@ def softmax_cross_entropy(
     check_labels: bool | None = None,
     out: Any = None,
     inplace: bool = False,
+    softcap: float | None = None,
     xp: Any = None,
 ) -> tuple[Any, Any]:
     r"""Softmax cross-entropy and its gradient with respect to the logits, fused.
@@ -357,6 +358,9 @@ def softmax_cross_entropy(
     inplace : bool
         Overwrite ``logits`` with the gradient (no logits-sized allocation on backends
         with a fast path). Raises ``ValueError`` for immutable (JAX) or read-only arrays.
+    softcap : float > 0, optional
+        Gemma 2's logit soft-capping: the loss sees :math:`c\tanh(x/c)` instead of
+        :math:`x`, and the gradient is with respect to the uncapped ``logits``.
     xp : namespace, optional
         The array namespace; found from the inputs when omitted.
 
@@ -394,6 +398,11 @@ def softmax_cross_entropy(
     of rows for soft targets); without weights and smoothing the gradient is the
     lecture's :math:`-\frac1N (Y - \hat Y)`. Classes with ``-inf`` logits get
     probability 0 and contribute nothing where their target is 0.
+
+    With ``softcap`` :math:`c`, the loss above is taken at :math:`u = c\tanh(x/c)`; the
+    cap's Jacobian is diagonal, :math:`\partial u_c/\partial x_c = 1 - (u_c/c)^2`, so
+    the gradient is the one above (at :math:`u`) times that factor, elementwise. A
+    ``-inf`` logit is capped to :math:`-c`, as the composition would do it.
     """
     xp = get_namespace(logits, labels, weight, out, xp=xp)
     args = _validate_xent(
@@ -410,10 +419,14 @@ def softmax_cross_entropy(
         inplace=inplace,
         xp=xp,
     )
+    cap = _check_softcap(softcap)
     moved = args.axis != logits.ndim - 1
     x = xp.moveaxis(logits, args.axis, -1) if moved else logits
     cdtype = compute_dtype(xp, logits.dtype)
     x = xp.astype(x, cdtype)
+    if cap is not None:
+        capped = xp.tanh(x / cap)
+        x = cap * capped
     w = None if weight is None else xp.astype(weight, cdtype)
     C = args.num_classes
     eps = args.label_smoothing
@@ -483,6 +496,8 @@ def softmax_cross_entropy(
             loss = xp.where(bad, nan, loss)
         else:
             loss = xp.where(xp.any(bad), nan, loss)
+    if cap is not None:
+        grad = grad * (1.0 - capped * capped)
     grad = xp.astype(grad, logits.dtype)
     if moved:
         grad = xp.moveaxis(grad, -1, args.axis)
@@ -739,3 +754,21 @@ def binary_cross_entropy_with_logits(
         elementwise = wc * elementwise
         grad = wc * grad
     return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace)
+
+
+# --- options shared with the fused linear + cross-entropy -------------------------------
+
+
+def _check_softcap(softcap: Any) -> float | None:
+    """``softcap`` as a float (None: no cap); errors name it."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a positive float or None, got {softcap!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+    return value

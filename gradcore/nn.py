@@ -42,6 +42,7 @@ from ._namespace import backend as _make_backend
 from .data import check_seed
 from .linear import linear as _checked_linear
 from .linear import linear_vjp as _checked_linear_vjp
+from .linear_xent import linear_cross_entropy as _linear_cross_entropy
 
 __all__ = [
     "ACTIVATIONS",
@@ -49,6 +50,7 @@ __all__ = [
     "MLP",
     "LeakyReLU",
     "Linear",
+    "LinearCrossEntropy",
     "Module",
     "ReLU",
     "Sequential",
@@ -58,6 +60,7 @@ __all__ = [
     "from_config",
     "param_shapes",
     "resolve_backend",
+    "with_fused_head",
 ]
 
 _FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -166,13 +169,14 @@ class Module:
 
     __call__ = forward
 
-    def backward(self, g: Any, *, need_input_grad: bool = True) -> Any:
+    def backward(self, g: Any = None, *, need_input_grad: bool = True) -> Any:
         r"""The gradient with respect to the last :meth:`forward`'s input.
 
         Parameters
         ----------
-        g : array, shape of the output
-            The gradient of a scalar loss with respect to the output.
+        g : array, shape of the output, or None
+            The gradient of a scalar loss with respect to the output; None after
+            :meth:`forward_loss`, whose loss head already holds it.
         need_input_grad : bool, default True
             ``False`` lets the first layer skip the gradient of the input (for a
             ``Linear`` layer, one matrix product), when only the parameters'
@@ -188,11 +192,46 @@ class Module:
         xp = self._xp_seen
         if xp is None:
             raise RuntimeError(
-                "backward() needs a forward() first (each forward allows one backward)"
+                "backward() needs a forward() (or forward_loss()) first (each forward "
+                "allows one backward)"
             )
-        check_array_argument(g, "g")
+        if g is not None or not _holds_fused_gradient(self):
+            # None is taken only after forward_loss(), whose head holds the gradient.
+            check_array_argument(g, "g")
         self._xp_seen = None
         return self._backward(g, xp, need_input_grad)
+
+    def forward_loss(self, x: Any, labels: Any, *, check_labels: bool | None = None) -> Any:
+        r"""The loss of a model whose last layer is a :class:`LinearCrossEntropy` head.
+
+        The layers before the head run :meth:`forward`; the head computes the loss and
+        every gradient it needs without materialising the logits. Call
+        :meth:`backward` with no gradient afterwards: it returns the gradient with
+        respect to ``x`` and leaves the parameters' gradients in :meth:`grads`.
+
+        Parameters
+        ----------
+        x : array, shape (N, in_features)
+        labels : array, shape (N,) of class indices (or (N, classes) probabilities)
+        check_labels : bool or None
+            As in :func:`gradcore.softmax_cross_entropy`.
+
+        Returns
+        -------
+        array
+            The loss (0-d, the head's reduction).
+        """
+        x, xp = self._input(x)
+        self._xp_seen = xp
+        return self._forward_loss(x, labels, xp, True, check_labels)
+
+    def _forward_loss(
+        self, x: Any, labels: Any, xp: Any, need_dx: bool, check_labels: bool | None
+    ) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} has no fused loss head: forward_loss() needs a model "
+            "whose last layer is gradcore.nn.LinearCrossEntropy"
+        )
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The output for ``x`` without keeping anything for a backward pass.
@@ -463,6 +502,214 @@ def _draw_weights(rng: np.random.Generator, fan_in: int, fan_out: int, init: str
     raise ValueError(f"init must be 'he', 'xavier' or 'zeros', got {init!r}")
 
 
+class LinearCrossEntropy(Linear):
+    r"""An output layer fused with softmax cross-entropy: in training the logits of the
+    whole batch never exist.
+
+    :meth:`forward_loss` (used by :func:`gradcore.fit` for ``loss="cross_entropy"``)
+    calls :func:`gradcore.linear_cross_entropy`, which works through the batch in
+    chunks of rows and returns the loss with the gradients of ``x``, ``W`` and ``b``;
+    :meth:`backward` (with no gradient) then hands ``dx`` to the layers before. Outside
+    training, :meth:`forward` and :meth:`predict` return the logits (soft-capped when
+    ``softcap`` is set), so evaluation and accuracy work as for :class:`Linear`, and
+    ``backward(g)`` with a gradient of those logits works too.
+
+    Parameters
+    ----------
+    in_features, num_classes : int
+        Input width and number of classes (``W`` has shape (in_features, num_classes)).
+    bias, init, seed, dtype, backend, device
+        As for :class:`Linear`.
+    label_smoothing, z_loss : float
+        Options of the training loss (:func:`gradcore.softmax_cross_entropy`).
+    softcap : float, optional
+        Soft-cap the logits to ``softcap * tanh(z / softcap)`` (Gemma 2), in training
+        and in :meth:`forward`.
+    chunk_size : int, optional
+        Rows per chunk; default :func:`gradcore.linear_xent.default_chunk_rows`.
+
+    Notes
+    -----
+    Parameters ``"W"`` and ``"b"``, as for :class:`Linear` (:meth:`from_linear` turns a
+    trained or freshly drawn :class:`Linear` into a head with the same weights).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = True,
+        init: str = "he",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        seed: int | np.random.Generator | None = 0,
+        dtype: str = "float32",
+        backend: Backend | str | None = None,
+        device: Any = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            num_classes,
+            bias=bias,
+            init=init,
+            seed=seed,
+            dtype=dtype,
+            backend=backend,
+            device=device,
+        )
+        from .losses import _check_softcap
+
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        self.z_loss = float(z_loss)
+        if not (self.z_loss >= 0.0 and math.isfinite(self.z_loss)):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+        self.softcap = _check_softcap(softcap)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self._tanh: Any = None
+        self._fused_dx: Any = None
+        self._fused = False
+
+    @classmethod
+    def from_linear(cls, layer: Linear, **options: Any) -> LinearCrossEntropy:
+        """A head with ``layer``'s weights (copied), backend and dtype, and ``options``."""
+        head = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias,
+            init="zeros",
+            dtype=layer.dtype,
+            backend=layer.backend,
+            **options,
+        )
+        head.load_state_dict(layer.state_dict())
+        return head
+
+    @property
+    def num_classes(self) -> int:
+        return self.out_features
+
+    def _forward(self, x: Any, keep: bool, xp: Any) -> Any:
+        self._fused = False
+        z = super()._forward(x, keep, xp)
+        if self.softcap is None:
+            return z
+        t = xp.tanh(z / self.softcap)
+        if keep:
+            self._tanh = t  # not the output: a loss may overwrite that in place
+        return self.softcap * t
+
+    def _forward_loss(
+        self, x: Any, labels: Any, xp: Any, need_dx: bool, check_labels: bool | None
+    ) -> Any:
+        loss, dx, dW, db = _linear_cross_entropy(
+            x,
+            self._params["W"],
+            labels,
+            bias=self._params.get("b"),
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+            need_dx=need_dx,
+            check_labels=check_labels,
+            xp=xp,
+        )
+        self._grads = {"W": dW, "b": db} if self.bias else {"W": dW}
+        self._fused_dx = dx
+        self._fused = True
+        self._x = self._tanh = None
+        return loss
+
+    def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
+        if g is None:
+            if not self._fused:
+                raise RuntimeError(
+                    "backward() without a gradient needs forward_loss() first (each "
+                    "forward_loss allows one backward)"
+                )
+            dx, self._fused_dx, self._fused = self._fused_dx, None, False
+            return dx
+        if self.softcap is not None:
+            t, self._tanh = self._tanh, None
+            if t is None:
+                raise RuntimeError(
+                    "backward() needs a forward() first (each forward allows one backward)"
+                )
+            g = g * (1.0 - t * t)
+        return super()._backward(g, xp, need_dx)
+
+    def _move(self, target: Backend) -> None:
+        super()._move(target)
+        self._x = self._tanh = self._fused_dx = None
+        self._fused = False
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": "LinearCrossEntropy",
+            "in_features": self.in_features,
+            "num_classes": self.out_features,
+            "bias": self.bias,
+            "label_smoothing": self.label_smoothing,
+            "z_loss": self.z_loss,
+            "softcap": self.softcap,
+            "chunk_size": self.chunk_size,
+            "dtype": self.dtype,
+        }
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in (
+                ("label_smoothing", self.label_smoothing),
+                ("z_loss", self.z_loss),
+                ("softcap", self.softcap),
+                ("chunk_size", self.chunk_size),
+            )
+            if v
+        )
+        return (
+            f"LinearCrossEntropy({self.in_features}, {self.out_features}, bias={self.bias}{extra})"
+        )
+
+
+def _holds_fused_gradient(model: Module) -> bool:
+    """Whether ``model`` ends in a :class:`LinearCrossEntropy` head that ran forward_loss."""
+    last = model
+    while isinstance(last, Sequential) and last.layers:
+        last = last.layers[-1]
+    return isinstance(last, LinearCrossEntropy) and last._fused
+
+
+def with_fused_head(model: Module, **options: Any) -> Sequential:
+    r"""``model`` with its last :class:`Linear` layer turned into a
+    :class:`LinearCrossEntropy` head of the same weights (``options`` go to the head).
+
+    The other layers are the same objects; the result trains with :func:`gradcore.fit`
+    and ``loss="cross_entropy"`` without materialising the batch's logits.
+    """
+    layers = list(model.layers) if isinstance(model, Sequential) else [model]
+    last = layers[-1]
+    if isinstance(last, Sequential):
+        layers[-1] = with_fused_head(last, **options)
+        return Sequential(*layers)
+    if not isinstance(last, Linear):
+        raise TypeError(
+            f"the model's last layer must be a Linear layer to become a fused head, "
+            f"got {type(last).__name__}"
+        )
+    layers[-1] = LinearCrossEntropy.from_linear(last, **options)
+    return Sequential(*layers)
+
+
 class _Activation(Module):
     """An elementwise activation: no parameters, keeps one array for its VJP."""
 
@@ -620,6 +867,15 @@ class Sequential(Module):
         for layer in self.layers:
             x = layer._forward(x, keep, xp)
         return x
+
+    def _forward_loss(
+        self, x: Any, labels: Any, xp: Any, need_dx: bool, check_labels: bool | None
+    ) -> Any:
+        for layer in self.layers[:-1]:
+            x = layer._forward(x, True, xp)
+        # The head's input gradient feeds the layers before it, if there are any.
+        head_dx = need_dx or len(self.layers) > 1
+        return self.layers[-1]._forward_loss(x, labels, xp, head_dx, check_labels)
 
     def _backward(self, g: Any, xp: Any, need_dx: bool = True) -> Any:
         last = len(self.layers) - 1
@@ -830,8 +1086,9 @@ def _param_shapes(config: Any, depth: int) -> dict[str, tuple[int, ...]]:
                 if bias:
                     shapes[f"{2 * i}.b"] = (fan_out,)
             return shapes
-        if kind == "Linear":
-            fan_in, fan_out = _check_sizes([config.get("in_features"), config.get("out_features")])
+        if kind in ("Linear", "LinearCrossEntropy"):
+            width = "out_features" if kind == "Linear" else "num_classes"
+            fan_in, fan_out = _check_sizes([config.get("in_features"), config.get(width)])
             return {"W": (fan_in, fan_out), **({"b": (fan_out,)} if bias else {})}
         if kind == "LeakyReLU":
             slope = config.get("negative_slope")
@@ -886,6 +1143,19 @@ def from_config(
                 int(config["in_features"]),
                 int(config["out_features"]),
                 bias=bool(config.get("bias", True)),
+                dtype=dt,
+                backend=backend,
+                device=device,
+            )
+        if kind == "LinearCrossEntropy":
+            return LinearCrossEntropy(
+                int(config["in_features"]),
+                int(config["num_classes"]),
+                bias=bool(config.get("bias", True)),
+                label_smoothing=float(config.get("label_smoothing", 0.0)),
+                z_loss=float(config.get("z_loss", 0.0)),
+                softcap=config.get("softcap"),
+                chunk_size=config.get("chunk_size"),
                 dtype=dt,
                 backend=backend,
                 device=device,

@@ -300,6 +300,32 @@ def _output_unsaved(model: _nn.Module) -> bool:
     return isinstance(last, _nn.Linear)
 
 
+def _last_layer_is_fused_head(model: _nn.Module) -> bool:
+    """Whether the model ends in a :class:`~gradcore.nn.LinearCrossEntropy` head."""
+    last: _nn.Module = model
+    while isinstance(last, _nn.Sequential):
+        last = last.layers[-1]
+    return isinstance(last, _nn.LinearCrossEntropy)
+
+
+def _check_fused_head_options(model: _nn.Module, loss_options: dict[str, Any], dp: bool) -> None:
+    """Refuse what a fused head would silently leave out of the loss it trains on."""
+    if loss_options:
+        raise ValueError(
+            f"loss_kwargs ({', '.join(sorted(loss_options))}) cannot be applied to a "
+            "LinearCrossEntropy head: it computes its own loss (label_smoothing, z_loss and "
+            "softcap are set when the head is built); use a Linear last layer for these options"
+        )
+    head: Any = model
+    while isinstance(head, _nn.Sequential):
+        head = head.layers[-1]
+    if dp and (head.label_smoothing or head.z_loss):
+        raise ValueError(
+            "data-parallel fit (comm=) with a LinearCrossEntropy head supports neither "
+            "label_smoothing nor z_loss yet: the ranks would train on the plain loss"
+        )
+
+
 def _host_backend(b: Backend) -> bool:
     """Whether reading a loss value costs no device synchronisation worth avoiding."""
     if b.name in ("numpy", "array_api_strict", "dask"):
@@ -540,7 +566,11 @@ def fit(
     loss : {"cross_entropy", "mse"} or callable
         ``"cross_entropy"`` is :func:`gradcore.softmax_cross_entropy` on the model's
         logits; ``"mse"`` is :func:`gradcore.mse`. A callable must return
-        ``(loss, grad_output)`` like them.
+        ``(loss, grad_output)`` like them. A model whose last layer is a
+        :class:`gradcore.nn.LinearCrossEntropy` head trains with ``"cross_entropy"``
+        through :func:`gradcore.linear_cross_entropy` (the head's options apply), never
+        holding a batch's logits; its training accuracy is then not measured
+        (``None``), the validation accuracy is.
     optimizer : gradcore.optim.Optimizer or str
         ``optim.Adam(lr=1e-3)``, or a name with default settings.
     epochs, batch_size : int
@@ -680,6 +710,9 @@ def fit(
         )
         params, state = dp.start(params, state, opt.buffers)
         model._assign(params)
+    fused_head = loss == "cross_entropy" and _last_layer_is_fused_head(model)
+    if fused_head:
+        _check_fused_head_options(model, user_loss_options, dp is not None)
     jit_step = None
     if b.name == "jax" and _jittable(model, loss, opt) and dp is None:
         jit_step = _jax_step(model, loss_fn, loss_options, opt, classification, _label_dtype(b))
@@ -721,11 +754,16 @@ def fit(
                         params = _persist(b, params)
                     model._assign(params)
                 else:
-                    out = model._forward(xb, True, xp)
-                    if classification:
-                        hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
-                        correct.append(xp.sum(hits))
-                    value, grad = loss_fn(out, yb, xp=xp, **loss_options)
+                    if fused_head:
+                        # The head computes the loss and its gradients chunk by chunk;
+                        # the batch's logits (needed for the accuracy) never exist.
+                        value, grad = model._forward_loss(xb, yb, xp, False, False), None
+                    else:
+                        out = model._forward(xb, True, xp)
+                        if classification:
+                            hits = xp.astype(xp.argmax(out, axis=-1) == yb, _label_dtype(b))
+                            correct.append(xp.sum(hits))
+                        value, grad = loss_fn(out, yb, xp=xp, **loss_options)
                     model._backward(grad, xp, False)  # the data needs no gradient
                     grads = model._collect_grads()
                     params, state = opt.update(params, grads, state, inplace=inplace)
@@ -750,7 +788,7 @@ def fit(
             history.epoch.append(epoch)
             history.step_loss.extend(epoch_losses)
             history.loss.append(float(np.dot(epoch_losses, sizes)) / n)
-            if classification:
+            if classification and correct:
                 hits = int(to_numpy(xp.sum(xp.stack(correct))))
                 history.accuracy.append(hits / n)
             else:
