@@ -116,7 +116,9 @@ def use_fast_paths(enabled: bool = True) -> Iterator[None]:
     >>> with gradcore.use_fast_paths(False):
     ...     loss, grad = gradcore.softmax_cross_entropy(x, y)  # the generic body
     """
-    token = _enabled.set(bool(enabled))
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_fast_paths(enabled) must be True or False, got {enabled!r}")
+    token = _enabled.set(enabled)
     try:
         yield
     finally:
@@ -157,10 +159,16 @@ def dispatchable(func: F) -> F:
 # --- threads used by CPU fast paths ----------------------------------------------------
 
 _num_threads: int | None = None
+#: The last ``GRADCORE_NUM_THREADS`` string seen and what it gave (parsed once per value).
+_env_cache: tuple[str, int] | None = None
 
 
 def _default_num_threads() -> int:
+    global _env_cache
     env = os.environ.get("GRADCORE_NUM_THREADS")
+    cached = _env_cache
+    if env and cached is not None and cached[0] == env:
+        return cached[1]
     if env:
         try:
             n = int(env)
@@ -170,6 +178,7 @@ def _default_num_threads() -> int:
             ) from None
         if n < 1:
             raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}")
+        _env_cache = (env, n)
         return n
     try:
         return len(os.sched_getaffinity(0))
@@ -190,5 +199,10 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """How many threads the CPU fast paths use (see :func:`set_num_threads`)."""
+    """How many threads the CPU fast paths use (see :func:`set_num_threads`).
+
+    Every call of a threaded CPU fast path asks, whatever the size of its input, so an
+    invalid ``GRADCORE_NUM_THREADS`` raises ``ValueError`` on first use rather than only
+    once an input is large enough to be split over threads.
+    """
     return _num_threads if _num_threads is not None else _default_num_threads()

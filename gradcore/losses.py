@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from ._checks import (
+    as_float,
     as_int,
     check_array,
+    check_bool,
     check_floating,
     check_same_shape,
     compute_dtype,
@@ -228,20 +230,13 @@ def _validate_xent(
     ignore_index = as_int(ignore_index, "ignore_index")
     if not -(2**63) <= ignore_index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    try:
-        label_smoothing = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
+    label_smoothing = as_float(label_smoothing, "label_smoothing")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    try:
-        z_loss = float(z_loss)
-    except (TypeError, ValueError):
-        raise TypeError(f"z_loss must be a float, got {z_loss!r}") from None
+    z_loss = as_float(z_loss, "z_loss")
     if not (z_loss >= 0.0 and math.isfinite(z_loss)):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if check_labels not in (None, True, False):
-        raise TypeError(f"check_labels must be None, True or False, got {check_labels!r}")
+    check_bool(check_labels, "check_labels", none=True)
 
     if is_floating(xp, labels):
         soft = True
@@ -292,10 +287,12 @@ def _log_softmax_parts(xp: Any, x: Any) -> tuple[Any, Any, Any]:
     """Row-wise (log-probabilities, probabilities, log-sum-exp) over the last axis.
 
     Rows whose entries are all ``-inf`` keep a finite shift (0) so that they give NaN
-    rather than an exception; entries of ``-inf`` in other rows give probability 0.
+    (0/0) rather than an exception; entries of ``-inf`` in other rows give probability
+    0. A row with a ``+inf`` (or NaN) entry is shifted by it and becomes NaN throughout,
+    as in PyTorch (``inf - inf``).
     """
     m = xp.max(x, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    m = xp.where(m == -math.inf, xp.zeros_like(m), m)
     shifted = x - m
     e = xp.exp(shifted)
     s = xp.sum(e, axis=-1, keepdims=True)
@@ -437,6 +434,7 @@ def softmax_cross_entropy(
         rows = math.prod(tuple(x.shape)[:-1])
         divisor = xp.asarray(float(rows), dtype=cdtype, device=array_api_compat.device(x))
         bad = None
+        counted = None
     else:
         lab, ignored, bad = _label_masks(xp, labels, C, args.ignore_index)
         classes = xp.arange(C, dtype=lab.dtype, device=array_api_compat.device(lab))
@@ -462,15 +460,20 @@ def softmax_cross_entropy(
         row_loss = xp.where(active, row_loss, zero)
         grad = xp.where(active[..., None], grad, zero)
         divisor = xp.sum(w_y)
+        counted = ~ignored
 
     if args.reduction == "mean":
-        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch;
-        # the NaN is put in place rather than divided out, which would warn.
+        # A zero divisor (every row ignored, or every counted row's class weight 0) is
+        # PyTorch's 0/0: a NaN mean, NaN gradient rows for the rows not ignored, zero
+        # rows for ignored ones. The NaNs are put in place rather than divided out,
+        # which would warn.
         empty = divisor == 0
         safe = xp.where(empty, xp.ones_like(divisor), divisor)
         nan = xp.asarray(float("nan"), dtype=cdtype, device=array_api_compat.device(x))
         loss = xp.where(empty, nan, xp.sum(row_loss) / safe)
         grad = grad / safe
+        if counted is not None:
+            grad = xp.where(empty & counted[..., None], nan, grad)
     elif args.reduction == "sum":
         loss = xp.sum(row_loss)
     else:
@@ -531,15 +534,35 @@ def _validate_elementwise(
 
 
 def _finish_elementwise(
-    xp: Any, elementwise: Any, grad: Any, x: Any, reduction: str, out: Any, inplace: bool
+    xp: Any,
+    elementwise: Any,
+    grad: Any,
+    x: Any,
+    reduction: str,
+    out: Any,
+    inplace: bool,
+    *,
+    factor: float = 1.0,
+    weight: Any = None,
 ) -> tuple[Any, Any]:
-    """Reduce an elementwise loss; deliver its gradient in ``x``'s shape and dtype."""
+    """Reduce an elementwise loss; deliver its gradient in ``x``'s shape and dtype.
+
+    The delivered gradient is ``(grad * (factor / N)) * weight`` for ``"mean"`` (``N``
+    elements), ``(grad * factor) * weight`` otherwise: the constant factor and the mean's
+    ``1/N`` are applied in one multiply, before the weight, as PyTorch does, so that a
+    huge ``grad`` is not overflowed by a factor 2 that the ``1/N`` would undo.
+    """
     shape = tuple(x.shape)
     elementwise = xp.broadcast_to(elementwise, shape)
+    if reduction == "mean":
+        factor = factor / float(max(math.prod(shape), 1))
+    if factor != 1.0:
+        grad = grad * factor
+    if weight is not None:
+        grad = weight * grad
     grad = xp.broadcast_to(grad, shape)
     if reduction == "mean":
         loss = _mean(xp, elementwise, shape, elementwise.dtype)
-        grad = grad / float(max(math.prod(shape), 1))
     elif reduction == "sum":
         loss = xp.sum(elementwise)
     else:
@@ -620,10 +643,11 @@ def mse(
     )
     cdtype = compute_dtype(xp, pred.dtype)
     diff = xp.astype(pred, cdtype) - xp.astype(target, cdtype)
-    wdiff = diff if weight is None else xp.astype(weight, cdtype) * diff
-    elementwise = wdiff * diff
-    grad = 2.0 * wdiff
-    return _finish_elementwise(xp, elementwise, grad, pred, reduction, out, inplace)
+    w = None if weight is None else xp.astype(weight, cdtype)
+    elementwise = diff * diff if w is None else (w * diff) * diff
+    return _finish_elementwise(
+        xp, elementwise, diff, pred, reduction, out, inplace, factor=2.0, weight=w
+    )
 
 
 # --- binary cross-entropy with logits ---------------------------------------------------
@@ -734,8 +758,8 @@ def binary_cross_entropy_with_logits(
     qy = y if pos_weight is None else xp.astype(pos_weight, cdtype) * y
     elementwise = qy * softplus_neg + (1.0 - y) * softplus_pos
     grad = (qy + 1.0 - y) * sig - qy
+    wc = None
     if weight is not None:
         wc = xp.astype(weight, cdtype)
         elementwise = wc * elementwise
-        grad = wc * grad
-    return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace)
+    return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace, weight=wc)
