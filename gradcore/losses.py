@@ -567,7 +567,9 @@ def _finish_elementwise(
         loss = xp.sum(elementwise)
     else:
         loss = elementwise
-    return xp.asarray(xp.astype(loss, x.dtype)), _deliver(xp.astype(grad, x.dtype), x, out, inplace)
+    # asarray first: a NumPy scalar's astype would drop a non-native byte order
+    loss = xp.astype(xp.asarray(loss), x.dtype)
+    return loss, _deliver(xp.astype(grad, x.dtype), x, out, inplace)
 
 
 # --- mean squared error -----------------------------------------------------------------

@@ -13,6 +13,8 @@ on the code before its fix.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -272,3 +274,382 @@ def test_bce_and_mse_extreme_values_match_torch(dtype):
             loss, grad = fn(x, y) if path == "fast" else generic(fn, x, y)
             np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=4 * np.finfo(dtype).eps)
             np.testing.assert_allclose(loss, want.detach().numpy(), rtol=4 * np.finfo(dtype).eps)
+
+
+# --- item 2: byte order, extended and narrow precision ---------------------------------------
+
+
+def _losses(x, y):
+    labels = np.array([0, 2, 1])
+    return {
+        "xent": lambda a: xent(a, labels),
+        "xent-soft": lambda a: xent(a, np.abs(y) / np.abs(y).sum(axis=1, keepdims=True)),
+        "mse": lambda a: mse(a, y),
+        "bce": lambda a: bce(a, (y > 0).astype(a.dtype)),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["xent", "xent-soft", "mse", "bce"])
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("dtype", [">f8", ">f4", np.longdouble, np.float16])
+def test_losses_compute_by_dtype_width(kernel, path, dtype):
+    """'>f8' and longdouble agree with float64 to 1e-15, not float32's 1e-7."""
+    rng = np.random.default_rng(0)
+    x64 = rng.standard_normal((3, 3)) * 3
+    y64 = rng.standard_normal((3, 3))
+    x, y = x64.astype(dtype), y64.astype(dtype)
+    dt = np.dtype(dtype)
+    run = _losses(x, y)[kernel]
+    want_loss, want_grad = _losses(x64, y64)[kernel](x.astype(np.float64))
+    if path == "fast":
+        loss, grad = run(x)
+    else:
+        with gradcore.use_fast_paths(False):
+            loss, grad = run(x)
+    assert loss.dtype == dt
+    assert grad.dtype == dt
+    rtol = {8: 1e-14, 4: 1e-6, 2: 2e-3}[min(dt.itemsize, 8)]
+    if dt.itemsize > 8:  # at least float64: the float64 reference's own rounding
+        rtol = 1e-14
+    np.testing.assert_allclose(grad.astype(np.float64), want_grad, rtol=rtol, atol=rtol * 1e-3)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [">f8", np.longdouble])
+@pytest.mark.parametrize(
+    "fn",
+    ["relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "leaky_relu"],
+)
+def test_activations_compute_by_dtype_width(fn, dtype):
+    x64 = np.linspace(-3, 3, 12).reshape(3, 4) + 1e-9
+    x = x64.astype(dtype)
+    f = getattr(gradcore, fn)
+    got, want = f(x), f(x64)
+    assert got.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("=")  # same precision
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-13, atol=1e-300)
+    g64 = np.cos(np.arange(12.0)).reshape(3, 4)
+    vjp = getattr(gradcore, fn + "_vjp")
+    arg = x if fn == "gelu" else got
+    arg64 = x64 if fn == "gelu" else want
+    got_dx = vjp(g64.astype(dtype), arg).astype(np.float64)
+    np.testing.assert_allclose(got_dx, vjp(g64, arg64), rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("dtype", [">f8", np.longdouble])
+def test_linear_computes_by_dtype_width(dtype):
+    rng = np.random.default_rng(0)
+    x64, W64, b64 = rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal(2)
+    got = gradcore.linear(x64.astype(dtype), W64.astype(dtype), b64.astype(dtype))
+    assert got.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("=")
+    np.testing.assert_allclose(got.astype(np.float64), x64 @ W64 + b64, rtol=1e-14)
+    g = np.ones((4, 2))
+    dx, dW, _db = gradcore.linear_vjp(g.astype(dtype), x64.astype(dtype), W64.astype(dtype))
+    np.testing.assert_allclose(dx.astype(np.float64), g @ W64.T, rtol=1e-14)
+    np.testing.assert_allclose(dW.astype(np.float64), x64.T @ g, rtol=1e-14)
+
+
+# --- item 3: the gradient's destination overlapping another input ----------------------------
+
+
+def _copies(*arrays):
+    return [a.copy() for a in arrays]
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("mode", ["inplace", "out"])
+def test_bce_targets_are_the_logits(path, mode, blocked):
+    x = np.array([[0.2, 0.9], [-1.5, 3.0]], np.float32)
+    want = bce(*_copies(x, x))
+    kw = {"inplace": True} if mode == "inplace" else {"out": x}
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = bce(x, x, **kw)
+    assert grad is x
+    np.testing.assert_allclose(grad, want[1], rtol=1e-6)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("n", [5, 300_001])
+def test_mse_shifted_views_inplace(path, n, blocked):
+    a = np.arange(n + 1, dtype=np.float32) ** 0.5
+    want = mse(a[1:].copy(), a[:-1].copy())
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = mse(a[1:], a[:-1], inplace=True)
+    np.testing.assert_allclose(grad, want[1], rtol=1e-6)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-5)
+    b = np.arange(n + 1, dtype=np.float32) ** 0.5
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = mse(b[:-1], b[1:], inplace=True)  # the other direction
+    np.testing.assert_allclose(grad, -want[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("mode", ["inplace", "out"])
+def test_soft_xent_labels_are_the_logits(path, mode, blocked):
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 5)).astype(np.float32)
+    want = xent(*_copies(x, x), label_smoothing=0.1)
+    kw = {"inplace": True} if mode == "inplace" else {"out": x}
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = xent(x, x, label_smoothing=0.1, **kw)
+    np.testing.assert_allclose(grad, want[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_out_overlapping_targets_and_weights(path, blocked):
+    rng = np.random.default_rng(1)
+    buf = rng.random((3, 40, 6)).astype(np.float32)
+    p, t, w = buf[0], buf[1], buf[2]
+    with gradcore.use_fast_paths(path == "fast"):
+        want = mse(*_copies(p, t), weight=w.copy())
+        got = mse(p.copy(), t, weight=w, out=t)  # gradient over the targets
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        buf = rng.random((3, 40, 6)).astype(np.float32)
+        x, y, q = buf[0], (buf[1] > 0.5).astype(np.float32), buf[2]
+        want = bce(*_copies(x, y), weight=q.copy(), pos_weight=q.copy())
+        got = bce(x.copy(), y, weight=q, pos_weight=q, out=q)  # over the weights
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        # class weights inside the logits, overwritten in place
+        x = rng.standard_normal((6, 6)).astype(np.float32) ** 2
+        labels = np.arange(6)
+        want = xent(x.copy(), labels, weight=x[0].copy(), label_smoothing=0.1)
+        got = xent(x, labels, weight=x[0], label_smoothing=0.1, inplace=True)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+# --- item 6: column-major layouts keep float64 accumulation ----------------------------------
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_xent_wide_rows_accumulate_in_float64(order, soft):
+    rng = np.random.default_rng(0)
+    x = np.asarray(rng.standard_normal((4, 2**20)) * 3, dtype=np.float32, order=order)
+    if soft:
+        labels = np.asarray(rng.random(x.shape), np.float32, order=order)
+        labels /= labels.sum(axis=1, keepdims=True)
+    else:
+        labels = rng.integers(0, x.shape[1], 4)
+    loss, grad = xent(x, labels, label_smoothing=0.1)
+    want_loss, want_grad, _, _ = ref_xent(x, labels, eps=0.1)
+    # float32 rounding of the result (a float32 row sum in BLAS or element by element
+    # was off by 1e-5 to 1.5e-4 here)
+    assert abs(float(loss) - want_loss) <= 4e-7 * abs(want_loss)
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=5e-7 * np.abs(want_grad).max())
+
+
+# --- item 7: PyTorch's exact semantics at the edges -------------------------------------------
+
+
+def torch_xent(x, labels, **kw):
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    w = kw.pop("weight", None)
+    if w is not None:
+        kw["weight"] = torch.tensor(w.astype(np.float64))
+    loss = F.cross_entropy(xt, torch.tensor(labels), **kw)
+    loss.sum().backward()
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+def same(actual, want):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label", [0, 1])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_xent_plus_inf_logit_is_a_nan_row(path, reduction, label, smoothing, blocked):
+    inf = np.inf
+    x = np.array([[inf, 0.0, 1.0], [1.0, 2.0, 0.5], [3.0, -inf, 0.0]], np.float32)
+    labels = np.array([label, 1, 0])
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
+    want = torch_xent(x, labels, **kw)
+    with gradcore.use_fast_paths(path == "fast"):
+        got = xent(x, labels, **kw)
+    same(got[0], want[0])
+    same(got[1], want[1])
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "case", ["all-ignored", "all-weights-zero", "zero-weights-some-ignored", "partial"]
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_xent_zero_divisor_like_torch(path, smoothing, case, reduction, blocked):
+    x = np.array([[1.0, 0.0, -1.0], [1.0, 2.0, 0.5], [0.3, 0.1, 0.2], [2.0, 0.0, 1.0]])
+    labels = np.array([0, 1, 0, 2])
+    weight = np.array([0.0, 0.0, 2.0])
+    if case == "all-ignored":
+        labels[:] = -100
+        weight = np.array([1.0, 2.0, 3.0])
+    elif case == "all-weights-zero":
+        labels = np.array([0, 1, 0, 1])
+    elif case == "zero-weights-some-ignored":
+        labels = np.array([0, -100, 1, -100])
+    kw = {"weight": weight, "label_smoothing": smoothing, "reduction": reduction}
+    want = torch_xent(x, labels, **kw)
+    with gradcore.use_fast_paths(path == "fast"):
+        got = xent(x, labels, **kw)
+        same(got[0], want[0])
+        same(got[1], want[1])
+        # z-loss (not in PyTorch) follows the same rule: a zero divisor gives NaN rows
+        zl, zg = xent(x, labels, z_loss=1e-2, **kw)
+    if reduction == "mean" and case != "partial":
+        assert np.isnan(zl)
+        np.testing.assert_array_equal(np.isnan(zg), np.isnan(want[1]))
+        np.testing.assert_array_equal(zg[~np.isnan(want[1])], 0.0)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_huge_values_like_torch(path, weighted):
+    p = np.full((4, 4), 3e38, np.float32)
+    t = np.zeros_like(p)
+    pt = torch.tensor(p, requires_grad=True)
+    want = F.mse_loss(pt, torch.tensor(t))
+    want.backward()
+    w = np.ones_like(p) if weighted else None
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = mse(p, t, weight=w)
+    np.testing.assert_allclose(grad, pt.grad.numpy(), rtol=1e-6)  # 3.75e37, not inf
+    assert np.isinf(loss)
+    assert np.isinf(want.item())
+
+
+# --- item 8: gradient destinations that are not C-contiguous ---------------------------------
+
+
+def _dests(shape, dtype):
+    big = np.zeros((shape[0] * 2, shape[1] * 3), dtype)
+    return {
+        "F": np.zeros(shape, dtype, order="F"),
+        "transposed": np.zeros(shape[::-1], dtype).T,
+        "strided": big[::2, ::3],
+        "reversed": np.zeros(shape, dtype)[::-1, ::-1],
+    }
+
+
+@pytest.mark.parametrize("dest", ["F", "transposed", "strided", "reversed"])
+@pytest.mark.parametrize("kernel", ["mse", "bce", "xent", "mse-weight"])
+@pytest.mark.parametrize("mode", ["out", "inplace"])
+@pytest.mark.parametrize("size", ["small", "big"])
+def test_any_gradient_layout(dest, kernel, mode, size):
+    rng = np.random.default_rng(0)
+    shape = (3, 5) if size == "small" else (600, 700)
+    p = rng.standard_normal(shape).astype(np.float32)
+    t = rng.random(shape).astype(np.float32)
+    fn = {
+        "mse": lambda a, **kw: mse(a, t, **kw),
+        "mse-weight": lambda a, **kw: mse(a, t, weight=t, **kw),
+        "bce": lambda a, **kw: bce(a, t, **kw),
+        "xent": lambda a, **kw: xent(a, rng_labels, **kw),
+    }[kernel]
+    rng_labels = np.arange(shape[0]) % shape[1]
+    want_loss, want_grad = fn(p.copy())
+    d = _dests(shape, np.float32)[dest]
+    if mode == "out":
+        loss, grad = fn(p, out=d)
+    else:
+        d[...] = p
+        loss, grad = fn(d, inplace=True)
+    assert grad is d
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+
+
+# --- item 9: changing the thread count while kernels run --------------------------------------
+
+
+def test_set_num_threads_while_kernels_run(monkeypatch):
+    monkeypatch.setattr(fast, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(fast, "BLOCK_BYTES", 4096)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 16)).astype(np.float32)
+    labels = rng.integers(0, 16, 512)
+    want = xent(x, labels)
+    want_mse = mse(x, x * 0.5)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def run_kernels() -> None:
+        try:
+            while not stop.is_set():
+                _loss, grad = xent(x, labels)
+                np.testing.assert_array_equal(grad, want[1])
+                np.testing.assert_array_equal(mse(x, x * 0.5)[1], want_mse[1])
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    def toggle() -> None:
+        try:
+            k = 0
+            while not stop.is_set():
+                gradcore.set_num_threads(1 + k % 4)
+                k += 1
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    workers = [threading.Thread(target=run_kernels) for _ in range(3)]
+    workers.append(threading.Thread(target=toggle))
+    try:
+        for t in workers:
+            t.start()
+        stop.wait(3.0)
+        stop.set()
+        for t in workers:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in workers), "a kernel hung"
+    finally:
+        stop.set()
+        gradcore.set_num_threads(None)
+    assert not errors, errors[0]
+
+
+# --- item 12 (options of the losses): refused, not coerced ------------------------------------
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"label_smoothing": "0.1"},
+        {"label_smoothing": True},
+        {"z_loss": "0.1"},
+        {"z_loss": False},
+        {"check_labels": 1},
+        {"check_labels": "yes"},
+    ],
+)
+def test_xent_options_are_not_coerced(path, kw):
+    x, labels = np.zeros((2, 3)), np.array([0, 1])
+    name = next(iter(kw))
+    with gradcore.use_fast_paths(path == "fast"), pytest.raises(TypeError, match=name):
+        xent(x, labels, **kw)
+
+
+@pytest.mark.parametrize("bad", ["no", 0, 1, None])
+def test_use_fast_paths_wants_a_bool(bad):
+    with pytest.raises(TypeError, match="use_fast_paths"), gradcore.use_fast_paths(bad):
+        pass
+
+
+@pytest.mark.parametrize("kernel", ["xent", "mse", "bce"])
+def test_bad_thread_environment_fails_on_first_small_call(kernel, monkeypatch):
+    monkeypatch.setenv("GRADCORE_NUM_THREADS", "two")
+    gradcore.set_num_threads(None)
+    x = np.zeros((2, 3), np.float32)
+    call = {
+        "xent": lambda: xent(x, np.array([0, 1])),
+        "mse": lambda: mse(x, x),
+        "bce": lambda: bce(x, x),
+    }[kernel]
+    with pytest.raises(ValueError, match="GRADCORE_NUM_THREADS"):
+        call()
+    monkeypatch.setenv("GRADCORE_NUM_THREADS", "2")
+    call()
