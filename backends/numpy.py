@@ -13,17 +13,33 @@ Softmax cross-entropy, per block of rows :math:`x` (shape ``(b, C)``):
 1. gather the target logits :math:`x_{i,y_i}` (and, with label smoothing, the row sums
    :math:`\sum_c w_c x_{ic}`) before anything can overwrite them;
 2. ``exp(x)`` into the scratch block :math:`S` and its row sums :math:`s_i` — without
-   subtracting the row maximum. That is safe whenever :math:`s_i` is finite and not
-   tiny; rows where it is not (huge or very negative logits, ``inf``, NaN) are redone
-   the textbook way, with the maximum subtracted, from the untouched input block;
+   subtracting the row maximum;
 3. one multiply writes the gradient :math:`S\cdot c_i` where
    :math:`c_i = \mathrm{scale}\cdot a_i / s_i` folds the softmax normalisation, the
    coefficient :math:`a_i` of the loss (weights, smoothing, z-loss) and the mean's
    :math:`1/\sum w_{y}` into one per-row factor;
 4. the target term is subtracted at one index per row.
 
-The log-sum-exp :math:`\log s_i` and the loss are accumulated in float64 per row.
-MSE and BCE-with-logits use the same blocking over flat chunks.
+Skipping the max subtraction is exact to the dtype's rounding only while
+:math:`c_i` is 0 or lies in ``[tiny, 1/eps]`` (``tiny`` the smallest normal number):
+below, :math:`c_i` itself rounds to a subnormal or to zero (large logits, many rows:
+float32 ``x = 88`` with ``N = 1e7``); above, entries of :math:`S` that fell into the
+subnormal range would be scaled up with their lost bits (rows of very negative
+logits). Rows outside that range, and rows whose :math:`s_i` is not finite or below
+``sqrt(tiny)`` (``inf``, NaN), are redone the textbook way, with the maximum subtracted,
+from the untouched input block, before anything is written; so every finite input gives
+the generic path's result to the dtype's rounding. A ``+inf`` logit is subtracted as it
+is and makes its row NaN, as in PyTorch.
+
+The log-sum-exp :math:`\log s_i` and the loss are computed in float64 per row; the row
+sums :math:`s_i` are accumulated to a few units of float32 rounding in every layout
+(see :func:`_row_sums`). MSE and BCE-with-logits use the same blocking over flat chunks.
+
+Aliasing: the loops write the gradient block by block while still reading the other
+inputs, so labels, targets and weights that may share memory with the gradient's
+destination (``out=``, or the input itself with ``inplace=True``) are copied first; an
+``out=`` that partly overlaps the logits gets a fresh gradient copied back at the end
+(``out=`` that *is* the logits is safe: each block is read before it is written).
 
 Layouts: any array whose rows (all axes but the class axis) form one strided axis is
 read and written in place through a strided view — C order, Fortran order, slices, or
@@ -34,7 +50,9 @@ pages. Only N-d arrays whose other axes cannot merge (e.g. ``(N, C, d)`` with
 
 Every fast path first calls the generic kernel's ``_validate_*`` function, so errors are
 the same on both paths, and returns ``NotImplemented`` (the generic code then runs) for
-dtypes other than float32/float64, empty inputs and non-NumPy arrays.
+dtypes other than native-byte-order float32/float64 (``'>f8'`` on a little-endian
+machine, float16, longdouble: the generic body computes those by width, at least in
+float64 for 64-bit and wider types), empty inputs and non-NumPy arrays.
 
 Small inputs (one block, at most :data:`SMALL_BYTES`) of the common cases — integer
 labels without weights, smoothing or z-loss; MSE without weights or ``out=`` — skip the

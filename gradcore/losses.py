@@ -320,7 +320,8 @@ def softmax_cross_entropy(
     r"""Softmax cross-entropy and its gradient with respect to the logits, fused.
 
     Semantics follow :func:`torch.nn.functional.cross_entropy` exactly, plus the
-    optional z-loss of PaLM.
+    optional z-loss of PaLM; the edge cases (non-finite logits, a zero divisor) and the
+    two places where this deliberately differs are listed at the end of the Notes.
 
     Parameters
     ----------
@@ -389,8 +390,25 @@ def softmax_cross_entropy(
     :math:`\partial\ell/\partial x_c = (\sum_k w_k t_k + 2z\,\mathrm{lse})\,p_c - w_c t_c`.
     The ``"mean"`` divides by :math:`\sum_i w_{y_i}` over non-ignored rows (by the number
     of rows for soft targets); without weights and smoothing the gradient is the
-    lecture's :math:`-\frac1N (Y - \hat Y)`. Classes with ``-inf`` logits get
-    probability 0 and contribute nothing where their target is 0.
+    lecture's :math:`-\frac1N (Y - \hat Y)`.
+
+    Edge cases, the same on every path and backend (checked against PyTorch):
+
+    - A row with a ``+inf`` or NaN logit, or with only ``-inf`` logits, has a NaN loss
+      and a NaN gradient row. Other ``-inf`` logits give probability 0; a hard label
+      on such a class gives an infinite loss (gradient ``p - onehot``, finite).
+    - ``reduction="mean"`` with a zero divisor :math:`\sum_i w_{y_i} = 0` (every row
+      ignored, or every non-ignored row's class weight 0) is PyTorch's 0/0: the loss
+      is NaN, every non-ignored row's gradient is NaN, ignored rows' gradients are 0
+      (so an all-ignored batch has a zero gradient) — with or without label smoothing.
+      The z-loss, which PyTorch lacks, is divided by the same divisor and follows the
+      same rule: with a zero divisor its rows are NaN too, never silently dropped.
+      ``"sum"`` and ``"none"`` have no divisor: zero class weights give zero terms.
+
+    Deliberate differences from PyTorch: an ignored row contributes no loss and no
+    gradient whatever its logits (PyTorch's gradient row is NaN when they are not
+    finite); with soft targets, a class with a ``-inf`` logit and target 0 costs nothing
+    (PyTorch: ``0 * -inf``, a NaN loss).
     """
     xp = get_namespace(logits, labels, weight, out, xp=xp)
     args = _validate_xent(
@@ -638,6 +656,11 @@ def mse(
     :math:`\partial J/\partial J_0 = (\frac1N,\dots,\frac1N)` times the diagonal
     :math:`\partial J_0/\partial\hat y = \mathrm{diag}(-2 w (y - \hat y))` collapses to
     the elementwise :math:`\partial J/\partial\hat y = -\frac2N\, w\,(y - \hat y)`.
+
+    As in PyTorch, the gradient is :math:`(\hat y - y)\cdot\frac2N` in one multiply
+    (then times :math:`w`), so it stays finite wherever the result is representable
+    (float32 :math:`\hat y - y = 3\cdot10^{38}`, :math:`N = 16`: :math:`3.75\cdot10^{37}`),
+    while the loss, a sum of squares in the input's dtype, overflows to ``inf`` there.
     """
     xp = get_namespace(pred, target, weight, out, xp=xp)
     reduction = _validate_mse(

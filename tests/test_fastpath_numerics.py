@@ -653,3 +653,29 @@ def test_bad_thread_environment_fails_on_first_small_call(kernel, monkeypatch):
         call()
     monkeypatch.setenv("GRADCORE_NUM_THREADS", "2")
     call()
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_xent_other_non_finite_rows_like_torch(path, reduction, blocked):
+    inf, nan = np.inf, np.nan
+    x = np.array([[-inf, 0.0, 1.0], [-inf, -inf, -inf], [nan, 0.0, 1.0], [1.0, 2.0, 0.5]])
+    labels = np.array([0, 1, 2, 1])
+    want = torch_xent(x, labels, reduction=reduction)
+    with gradcore.use_fast_paths(path == "fast"):
+        got = xent(x, labels, reduction=reduction)
+    same(got[0], want[0])
+    same(got[1], want[1])
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_xent_ignored_rows_never_get_a_gradient(path, blocked):
+    """The documented difference: PyTorch gives NaN rows here; an ignored row is inert."""
+    x = np.array([[np.inf, 0.0], [np.nan, 1.0], [1.0, 2.0]])
+    labels = np.array([-100, -100, 1])
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = xent(x, labels, label_smoothing=0.1, z_loss=1e-3)
+    want_loss, want_grad, _, _ = ref_xent(x[2:], labels[2:], eps=0.1, z=1e-3)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_array_equal(grad[:2], 0.0)
+    np.testing.assert_allclose(grad[2:], want_grad, rtol=1e-12)
