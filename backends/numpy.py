@@ -81,7 +81,7 @@ import numpy as np
 
 from gradcore import activations as _act
 from gradcore._checks import check_same_shape
-from gradcore._dispatch import get_num_threads, register_fast_path
+from gradcore._dispatch import check_thread_setting, get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
 from gradcore.losses import _validate_bce, _validate_mse, _validate_xent
 
@@ -169,10 +169,10 @@ def _parallel(n_rows: int, block_rows: int, n_elements: int, work: Callable[...,
     Chunks are whole multiples of ``block_rows`` (except the last), so every thread
     iterates over full blocks and only the final block is ragged.
     """
-    n_threads = get_num_threads()  # read once: another thread may change it meanwhile
     if n_elements < MIN_PARALLEL_ELEMENTS:
         work(0, n_rows)
         return
+    n_threads = get_num_threads()  # read once: another thread may change it meanwhile
     n_blocks = -(-n_rows // block_rows)
     threads = min(n_threads, n_blocks)
     if threads <= 1:
@@ -483,7 +483,7 @@ def softmax_cross_entropy(
         inplace=inplace,
         xp=np_compat,
     )
-    get_num_threads()  # an invalid GRADCORE_NUM_THREADS fails on first use, at any size
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
     labels, weight = _unalias(inplace, logits, out, labels, weight)
     if (
         logits.ndim == 2
@@ -599,14 +599,17 @@ def _xent_small(
     with np.errstate(all="ignore"):
         s = np.exp(x)
         sums = _row_sums(s)
-        if not (sums.min() >= _TINY[dtype] and sums.max() < np.inf):
-            return None
         scale = 1.0 / N if reduction == "mean" else 1.0
+        # Every row's factor scale / s_i in [_COEF_MIN, _COEF_MAX] (see _coef_ok), and
+        # s_i finite and not tiny; else a row needs the shifted route.
+        s_lo = max(_TINY[dtype], scale / _COEF_MAX[dtype])
+        s_hi = scale / _COEF_MIN[dtype]
+        top = sums.max()
+        if not (sums.min() >= s_lo and top <= s_hi and top < np.inf):
+            return None
         coef = 1.0 / sums
         if scale != 1.0:
             coef *= scale
-        if not _coef_ok(coef, dtype).all():
-            return None  # a row of large or very negative logits: the shifted route
         rows = np.arange(N)
         picked = x[rows, lab].astype(np.float64)
         lse = np.log(sums)
@@ -939,7 +942,7 @@ def mse(
     reduction = _validate_mse(
         pred, target, weight=weight, reduction=reduction, out=out, inplace=inplace, xp=np_compat
     )
-    get_num_threads()  # an invalid GRADCORE_NUM_THREADS fails on first use, at any size
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
     target, weight = _unalias(inplace, pred, out, target, weight)
     dtype = pred.dtype
     scale = 1.0 / pred.size if reduction == "mean" else 1.0
@@ -1010,7 +1013,7 @@ def binary_cross_entropy_with_logits(
         inplace=inplace,
         xp=np_compat,
     )
-    get_num_threads()  # an invalid GRADCORE_NUM_THREADS fails on first use, at any size
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
     targets, weight, pos_weight = _unalias(inplace, logits, out, targets, weight, pos_weight)
     dtype = logits.dtype
     scale = 1.0 / logits.size if reduction == "mean" else 1.0

@@ -43,6 +43,8 @@ def as_float(value: Any, name: str) -> float:
     Strings and booleans are refused with ``TypeError`` naming ``name``: ``"0.1"`` and
     ``True`` are mistakes, not 0.1 and 1.0.
     """
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check
+        return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{name} must be a real number (int or float), got {value!r}")

@@ -163,22 +163,40 @@ _num_threads: int | None = None
 _env_cache: tuple[str, int] | None = None
 
 
-def _default_num_threads() -> int:
+def _env_num_threads() -> int | None:
+    """``GRADCORE_NUM_THREADS`` as a positive int (None if unset or empty); parsed once
+    per value, ``ValueError`` naming it when it is not a positive integer."""
     global _env_cache
     env = os.environ.get("GRADCORE_NUM_THREADS")
+    if not env:
+        return None
     cached = _env_cache
-    if env and cached is not None and cached[0] == env:
+    if cached is not None and cached[0] == env:
         return cached[1]
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(
-                f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}"
-            ) from None
-        if n < 1:
-            raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}")
-        _env_cache = (env, n)
+    try:
+        n = int(env)
+    except ValueError:
+        raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}") from None
+    if n < 1:
+        raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}")
+    _env_cache = (env, n)
+    return n
+
+
+def check_thread_setting() -> None:
+    """Raise now if the thread count would come from an invalid ``GRADCORE_NUM_THREADS``.
+
+    Cheap (no system call): threaded CPU fast paths call it on every call, whatever the
+    size of their input, so a bad value fails on first use, not only once an input is
+    large enough to be split over threads.
+    """
+    if _num_threads is None:
+        _env_num_threads()
+
+
+def _default_num_threads() -> int:
+    n = _env_num_threads()
+    if n is not None:
         return n
     try:
         return len(os.sched_getaffinity(0))
@@ -201,8 +219,7 @@ def set_num_threads(n: int | None) -> None:
 def get_num_threads() -> int:
     """How many threads the CPU fast paths use (see :func:`set_num_threads`).
 
-    Every call of a threaded CPU fast path asks, whatever the size of its input, so an
-    invalid ``GRADCORE_NUM_THREADS`` raises ``ValueError`` on first use rather than only
-    once an input is large enough to be split over threads.
+    Raises ``ValueError`` for an invalid ``GRADCORE_NUM_THREADS`` when no explicit
+    setting overrides it.
     """
     return _num_threads if _num_threads is not None else _default_num_threads()

@@ -446,7 +446,8 @@ def softmax_cross_entropy(
         row_loss = -xp.sum(tw * xp.where(tw == 0, zero, logp), axis=-1)
         coef = xp.sum(tw, axis=-1, keepdims=True)
         if args.z_loss > 0.0:
-            row_loss = row_loss + args.z_loss * lse[..., 0] ** 2
+            # (z * lse) * lse: lse**2 alone could overflow where the product does not
+            row_loss = row_loss + (args.z_loss * lse[..., 0]) * lse[..., 0]
             coef = coef + 2.0 * args.z_loss * lse
         grad = coef * p - tw
         rows = math.prod(tuple(x.shape)[:-1])
@@ -470,7 +471,8 @@ def softmax_cross_entropy(
             row_loss = row_loss + (eps / C) * smooth
             coef = coef + (eps / C) * (float(C) if w is None else xp.sum(w))
         if args.z_loss > 0.0:
-            row_loss = row_loss + args.z_loss * lse[..., 0] ** 2
+            # (z * lse) * lse: lse**2 alone could overflow where the product does not
+            row_loss = row_loss + (args.z_loss * lse[..., 0]) * lse[..., 0]
             coef = coef + 2.0 * args.z_loss * lse[..., 0]
         grad = coef[..., None] * p - (1.0 - eps) * xp.where(onehot, w_y[..., None], zero)
         if eps > 0.0:

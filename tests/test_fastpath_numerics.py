@@ -679,3 +679,14 @@ def test_xent_ignored_rows_never_get_a_gradient(path, blocked):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     np.testing.assert_array_equal(grad[:2], 0.0)
     np.testing.assert_allclose(grad[2:], want_grad, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_z_loss_of_a_huge_lse_does_not_overflow_early(path):
+    """z * lse**2 = 1e-4 * (1.8e19)**2 = 3.4e34 fits float32; lse**2 alone does not."""
+    x = np.array([[1.8446744e19, 0.0]], np.float32)
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = xent(x, np.array([0]), z_loss=1e-4)
+    lse = float(x[0, 0])
+    np.testing.assert_allclose(float(loss), 1e-4 * lse * lse, rtol=1e-6)
+    np.testing.assert_allclose(grad, [[2e-4 * lse, 0.0]], rtol=1e-6)
