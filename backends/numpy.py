@@ -310,13 +310,22 @@ _COEF_MIN = {d: float(np.finfo(d).tiny) for d in _FAST_DTYPES}
 _COEF_MAX = {d: float(1.0 / np.finfo(d).eps) for d in _FAST_DTYPES}
 
 
-def _coef_ok(coef: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Rows whose factor ``c_i`` makes ``exp(x) * c_i`` exact to the dtype's rounding.
+def _coef_bad(coef: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Rows whose factor ``c_i`` would not make ``exp(x) * c_i`` exact to the dtype's
+    rounding (None when there are none, the common case, found with two reductions).
 
-    Then each gradient entry, and with it the whole row, agrees with the max-shifted
-    textbook computation to a few units in the last place (or, for entries below the
-    normal range, to the dtype's smallest normal number). False for NaN.
+    Elsewhere each gradient entry, and with it the whole row, agrees with the
+    max-shifted textbook computation to a few units in the last place (or, for entries
+    below the normal range, to the dtype's smallest normal number). NaN counts as bad.
     """
+    if coef.min() >= _COEF_MIN[dtype] and coef.max() <= _COEF_MAX[dtype]:  # false for NaN
+        return None
+    bad = ~_coef_ok(coef, dtype)
+    return bad if bad.any() else None
+
+
+def _coef_ok(coef: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows whose factor ``c_i`` is 0 or in [tiny, 1/eps] in absolute value (see above)."""
     c = np.abs(coef)
     ok = c >= _COEF_MIN[dtype]
     ok &= c <= _COEF_MAX[dtype]
@@ -637,6 +646,7 @@ def _hard_terms(
     z: float,
     W: float,
     scale: float,
+    all_active: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (loss, factor c_i) of the integer-label path, from the rows' exp sums.
 
@@ -657,6 +667,8 @@ def _hard_terms(
     coef = a / sums
     if scale != 1.0:
         coef *= scale
+    if all_active:
+        return loss, coef
     return np.where(act, loss, 0.0), np.where(act, coef, 0.0)
 
 
@@ -728,7 +740,8 @@ def _hard_worker(
             # Everything read from x happens before g (possibly x itself) is written.
             picked = x[i, lb].astype(np.float64)
             xw = _row_dot(x, wv) if eps > 0.0 else None
-            row = (wy, act, picked, xw, eps, C, z, W, scale)
+            all_active = bool(act.all())
+            row = (wy, act, picked, xw, eps, C, z, W, scale, all_active)
 
             shift: np.ndarray | None
             if max_first:
@@ -739,17 +752,17 @@ def _hard_worker(
                 loss, coef = _hard_terms(sums, shift, *row)
                 # Rows whose factor would round badly (large logits: c_i below the
                 # normal range; tiny row sums: c_i above 1/eps) take the shifted route.
-                redo = ~_coef_ok(coef, dtype)
-                if shifted is not None:
+                redo = _coef_bad(coef, dtype)
+                if redo is not None and shifted is not None:
                     redo &= ~shifted
-                if redo.any():
+                if redo is not None and redo.any():
                     shift = np.zeros_like(sums) if shift is None else shift
                     _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
                     loss, coef = _hard_terms(sums, shift, *row)
             np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
             if dense is not None:
                 g -= dense
-            if dense is not None or not (act.all() or np.isfinite(sums[~act]).all()):
+            if dense is not None or not (all_active or np.isfinite(sums[~act]).all()):
                 g[~act] = 0  # ignored rows: no gradient, whatever their logits
             g[i, lb] -= at_label[r0:r1]
             if bad is not None:
@@ -812,10 +825,10 @@ def _soft_worker(
                 dot[k] = prod.sum(axis=1)
             sums, shift, shifted = _exp_rows(x, s, tiny)
             loss, coef = _soft_terms(sums, shift, mass, dot, z, scale)
-            redo = ~_coef_ok(coef, dtype)  # see _hard_worker
-            if shifted is not None:
+            redo = _coef_bad(coef, dtype)  # see _hard_worker
+            if redo is not None and shifted is not None:
                 redo &= ~shifted
-            if redo.any():
+            if redo is not None and redo.any():
                 shift = np.zeros_like(sums) if shift is None else shift
                 _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
                 loss, coef = _soft_terms(sums, shift, mass, dot, z, scale)
