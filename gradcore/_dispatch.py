@@ -109,6 +109,9 @@ def fast_path_for(op: str, xp: Any) -> Callable[..., Any] | None:
 def use_fast_paths(enabled: bool = True) -> Iterator[None]:
     """Turn backend fast paths on or off inside a ``with`` block.
 
+    ``enabled`` must be ``True`` or ``False`` (``TypeError`` otherwise: ``"no"`` is not
+    coerced to ``True``).
+
     Examples
     --------
     >>> import numpy as np, gradcore
