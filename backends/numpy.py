@@ -672,6 +672,55 @@ def _hard_terms(
     return np.where(act, loss, 0.0), np.where(act, coef, 0.0)
 
 
+def _finite_loss_rows(
+    loss: np.ndarray,
+    x: np.ndarray,
+    sums: np.ndarray,
+    shift: np.ndarray | None,
+    w: np.ndarray | None,
+    f: float,
+    z: float,
+    rows: np.ndarray | None = None,
+    label: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Redo the rows whose loss overflowed although their logits are finite.
+
+    The blocks compute a weighted cross-entropy term as ``W * lse - sum_c w_c x_c``
+    (``mass * lse - sum_c t_c x_c`` for soft targets), whose two parts overflow
+    separately for logits near the dtype's maximum (float64 ``9e307``) while their
+    difference does not. Those rare rows get
+    ``f * sum_c w_c (lse - x_c) + z lse^2`` (plus ``a_i (lse - x_{i,y_i})`` with
+    ``label = (a, picked)``), computed directly; a zero ``w_c`` counts 0 even against an
+    infinite difference. ``w`` is per class (1-D), per entry (2-D) or None (ones);
+    ``rows`` masks the rows that may be redone (not ignored ones).
+    """
+    bad = ~np.isfinite(loss)
+    if rows is not None:
+        bad &= rows
+    if not bad.any():
+        return
+    idx = np.flatnonzero(bad)
+    xk = x[idx].astype(np.float64)
+    keep = np.isfinite(xk).all(axis=1)  # inf / NaN logits: NaN stays, as in PyTorch
+    idx, xk = idx[keep], xk[keep]
+    if idx.size == 0:
+        return
+    lse = np.log(sums[idx])
+    if shift is not None:
+        lse = lse + shift[idx]
+    diff = lse[:, None] - xk
+    if w is None:
+        term = diff.sum(axis=1)
+    else:
+        wk = (w[idx] if w.ndim == 2 else w[None, :]).astype(np.float64)
+        term = np.where(wk == 0, 0.0, wk * diff).sum(axis=1)
+    value = f * term + (z * lse) * lse
+    if label is not None:
+        a, picked = label
+        value += a[idx] * (lse - picked[idx])
+    loss[idx] = value
+
+
 def _soft_terms(
     sums: np.ndarray,
     shift: np.ndarray | None,
@@ -759,6 +808,10 @@ def _hard_worker(
                     shift = np.zeros_like(sums) if shift is None else shift
                     _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
                     loss, coef = _hard_terms(sums, shift, *row)
+                if eps > 0.0:
+                    _finite_loss_rows(
+                        loss, x, sums, shift, wv, eps / C, z, act, ((1.0 - eps) * wy, picked)
+                    )
             np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
             if dense is not None:
                 g -= dense
@@ -832,6 +885,7 @@ def _soft_worker(
                 shift = np.zeros_like(sums) if shift is None else shift
                 _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
                 loss, coef = _soft_terms(sums, shift, mass, dot, z, scale)
+            _finite_loss_rows(loss, x, sums, shift, t, 1.0, z)
             np.multiply(s, coef.astype(dtype)[:, None], out=g)
             if scale != 1.0:
                 np.multiply(t, scale, out=s)

@@ -73,11 +73,11 @@ def ref_xent(x, labels, *, weight=None, eps=0.0, z=0.0, reduction="mean", ignore
         counted = np.ones(N, dtype=bool)
         with np.errstate(invalid="ignore"):
             row = -np.where(tw == 0, 0.0, tw * (x - lse[:, None])).sum(axis=1)
-        row = row + z * lse**2
+        row = row + (z * lse) * lse
         grad = (tw.sum(axis=1) + 2 * z * lse)[:, None] * p - tw
         a_abs = np.abs(tw).sum(axis=1) + 2 * z * np.abs(lse)
         gb = a_abs[:, None] * pc + np.abs(tw)
-        lb = (np.abs(tw) * (np.abs(x) + np.abs(lse)[:, None])).sum(axis=1) + z * lse**2
+        lb = (np.abs(tw) * (np.abs(x) + np.abs(lse)[:, None])).sum(axis=1) + (z * lse) * lse
         lb = lb + a_abs  # the row sum's rounding: an absolute error of eps in lse
         divisor = float(N)
     else:
@@ -88,13 +88,15 @@ def ref_xent(x, labels, *, weight=None, eps=0.0, z=0.0, reduction="mean", ignore
         wy = np.where(counted, w[y], 0.0)
         a = (1 - eps) * wy + eps / C * w.sum() + 2 * z * lse
         picked = x[np.arange(N), y]
-        row = (1 - eps) * wy * (lse - picked) + eps / C * (w * (lse[:, None] - x)).sum(axis=1)
-        row = row + z * lse**2
+        row = (1 - eps) * wy * (lse - picked) + (z * lse) * lse
+        if eps > 0.0:  # (without the guard, 0 * an overflowed sum would be NaN)
+            row = row + eps / C * (w * (lse[:, None] - x)).sum(axis=1)
         grad = a[:, None] * p - (1 - eps) * wy[:, None] * onehot - eps / C * w
         a_abs = (1 - eps) * wy + eps / C * np.abs(w).sum() + 2 * z * np.abs(lse)
         gb = a_abs[:, None] * pc + (1 - eps) * wy[:, None] * onehot + eps / C * np.abs(w)
-        lb = (1 - eps) * wy * (np.abs(lse) + np.abs(picked)) + z * lse**2
-        lb = lb + eps / C * (np.abs(w) * (np.abs(lse)[:, None] + np.abs(x))).sum(axis=1)
+        lb = (1 - eps) * wy * (np.abs(lse) + np.abs(picked)) + (z * lse) * lse
+        if eps > 0.0:
+            lb = lb + eps / C * (np.abs(w) * (np.abs(lse)[:, None] + np.abs(x))).sum(axis=1)
         lb = lb + a_abs  # the row sum's rounding: an absolute error of eps in lse
         row = np.where(counted, row, 0.0)
         grad = np.where(counted[:, None], grad, 0.0)
@@ -690,3 +692,66 @@ def test_z_loss_of_a_huge_lse_does_not_overflow_early(path):
     lse = float(x[0, 0])
     np.testing.assert_allclose(float(loss), 1e-4 * lse * lse, rtol=1e-6)
     np.testing.assert_allclose(grad, [[2e-4 * lse, 0.0]], rtol=1e-6)
+
+
+_edge64 = st.one_of(
+    st.floats(-5, 5),
+    st.floats(690, 709.78),
+    st.floats(-760, -700),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([np.float32, np.float64]),
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    repeat=st.sampled_from([1, 1000]),
+    eps=st.sampled_from([0.0, 0.1]),
+    z=st.sampled_from([0.0, 1e-4]),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    data=st.data(),
+)
+def test_xent_soft_labels_any_finite_input(dtype, shape, repeat, eps, z, weighted, reduction, data):
+    elements = _edge if dtype == np.float32 else _edge64
+    x = data.draw(hnp.arrays(dtype, shape, elements=elements))
+    mass = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+    mass[:, 0] += 1e-3  # some target mass in every row
+    labels = (mass / mass.sum(axis=1, keepdims=True)).astype(dtype)
+    x, labels = np.tile(x, (repeat, 1)), np.tile(labels, (repeat, 1))
+    weight = np.linspace(0.5, 2.0, shape[1]).astype(dtype) if weighted else None
+    check_xent_both_paths(x, labels, dtype, weight=weight, eps=eps, z=z, reduction=reduction, k=32)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    x=hnp.arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 5)), elements=_edge64),
+    repeat=st.sampled_from([1, 1000]),
+    eps=st.sampled_from([0.0, 0.1]),
+    z=st.sampled_from([0.0, 1e-4]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    data=st.data(),
+)
+def test_xent_any_finite_float64_input(x, repeat, eps, z, reduction, data):
+    N, C = x.shape
+    picks = data.draw(st.lists(st.integers(0, C - 1), min_size=N, max_size=N))
+    x, labels = np.tile(x, (repeat, 1)), np.tile(np.asarray(picks), repeat)
+    check_xent_both_paths(x, labels, np.float64, eps=eps, z=z, reduction=reduction, k=32)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_xent_logits_near_the_float64_maximum(path, soft, blocked):
+    """W * lse and sum_c w_c x_c overflow separately; their difference does not."""
+    x = np.array([[0.0, 8.99e307], [-8.99e307, 0.0], [1.0, 2.0]])
+    labels = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]) if soft else np.array([1, 1, 0])
+    weight = np.array([0.5, 2.0])
+    eps = 0.0 if soft else 0.1  # the overflowing sum: the targets' or the smoothing's
+    kw = {"weight": weight, "label_smoothing": eps, "reduction": "none"}
+    want_loss, want_grad, _, _ = ref_xent(x, labels, weight=weight, eps=eps, reduction="none")
+    with gradcore.use_fast_paths(path == "fast"):
+        loss, grad = xent(x, labels, **kw)
+    assert np.isfinite(loss).all()
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-300)
