@@ -961,7 +961,11 @@ class _Elementwise:
         if self.elementwise is not None:
             loss = self.elementwise.reshape(self.shape)
         else:
-            total = math.fsum(self.partials[k] for k in sorted(self.partials))
+            parts = [self.partials[k] for k in sorted(self.partials)]
+            try:
+                total = math.fsum(parts)
+            except OverflowError:  # finite parts whose exact sum overflows float64: inf
+                total = float(np.sum(parts))
             loss = np.asarray(total * scale if reduction == "mean" else total, dtype=dtype)
         grad = self.grad.reshape(self.shape)
         if self.dest is None:

@@ -755,3 +755,72 @@ def test_xent_logits_near_the_float64_maximum(path, soft, blocked):
     assert np.isfinite(loss).all()
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-300)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([np.float32, np.float64]),
+    n=st.integers(1, 40),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.booleans(),
+    blocked_=st.booleans(),
+    data=st.data(),
+)
+def test_bce_and_mse_any_finite_input(dtype, n, reduction, weighted, blocked_, data):
+    width = 32 if dtype == np.float32 else 64
+    # up to max/4: a difference x - y that overflows the dtype is inf (and inf * 0 NaN)
+    # on every path and in PyTorch
+    big = float(np.finfo(dtype).max) / 4
+    x = data.draw(hnp.arrays(dtype, n, elements=st.floats(-big, big, width=width)))
+    y = data.draw(hnp.arrays(dtype, n, elements=st.floats(0, 1, width=width)))
+    w = data.draw(hnp.arrays(dtype, n, elements=st.floats(0, 4, width=width))) if weighted else None
+    tiny = float(np.finfo(dtype).tiny)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    w64 = np.ones(n) if w is None else w.astype(np.float64)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    # float64 references (BCE: softplus written out; MSE: the difference), with bounds
+    sp_pos = np.maximum(x64, 0) + np.log1p(np.exp(-np.abs(x64)))
+    sp_neg = np.maximum(-x64, 0) + np.log1p(np.exp(-np.abs(x64)))
+    sig = np.where(
+        x64 >= 0, 1 / (1 + np.exp(-np.abs(x64))), np.exp(-np.abs(x64)) / (1 + np.exp(-np.abs(x64)))
+    )
+    ax = np.abs(x64) + 1
+    refs = {
+        "bce": (w64 * (y64 * sp_neg + (1 - y64) * sp_pos), w64 * (sig - y64) * scale,
+                w64 * (y64 * sp_neg + (1 - y64) * sp_pos + 1), w64 * (sig + y64) * scale),
+        "mse": ((w64 * (x64 - y64)) * (x64 - y64), (x64 - y64) * (2 * scale) * w64,
+                (w64 * ax) * ax, ax * (2 * scale) * w64),
+    }  # fmt: skip
+    for name, fn in (("bce", bce), ("mse", mse)):
+        el, g, el_b, g_b = refs[name]
+        with np.errstate(over="ignore"):
+            total = el.sum()
+        if reduction == "mean" and not total <= np.finfo(dtype).max and np.isfinite(el).all():
+            continue  # a finite mean of a sum that overflows: PyTorch's inf, or exact, both fine
+        loss_ref = {"none": el, "sum": total, "mean": total / n}[reduction]
+        loss_b = {"none": el_b, "sum": el_b.sum(), "mean": el_b.mean()}[reduction]
+        for path in ("fast", "generic"):
+            with pytest.MonkeyPatch.context() as mp:
+                if blocked_:
+                    mp.setattr(fast, "BLOCK_BYTES", 64)
+                    mp.setattr(fast, "MIN_PARALLEL_ELEMENTS", 0)
+                    mp.setattr(fast, "SMALL_BYTES", 0)
+                with gradcore.use_fast_paths(path == "fast"), np.errstate(over="ignore"):
+                    loss, grad = fn(x, y, weight=w, reduction=reduction)
+            assert_within(grad, g, g_b, dtype, k=16, atol=4 * tiny, what=f"{path} {name} grad")
+            assert_within(loss, loss_ref, loss_b, dtype, k=16 + 2 * n, what=f"{path} {name} loss")
+
+
+@pytest.mark.parametrize("kernel", ["bce", "mse"])
+def test_loss_sums_beyond_float64_do_not_crash(kernel, blocked):
+    """Finite block partials whose exact sum overflows: inf, as in PyTorch (not an error)."""
+    x, y = np.zeros(64), np.ones(64)
+    if kernel == "bce":  # one term of 1e308 in each block of 8
+        x[::8] = -1e308
+    else:  # one square of 1.69e308 in each block of 32
+        x[::32], y[:] = 1.3e154, 0.0
+    fn = bce if kernel == "bce" else mse
+    with np.errstate(over="ignore"):
+        loss, grad = fn(x, y, reduction="sum")
+    assert np.isinf(loss)
+    assert np.isfinite(grad).all()
