@@ -13,17 +13,33 @@ Softmax cross-entropy, per block of rows :math:`x` (shape ``(b, C)``):
 1. gather the target logits :math:`x_{i,y_i}` (and, with label smoothing, the row sums
    :math:`\sum_c w_c x_{ic}`) before anything can overwrite them;
 2. ``exp(x)`` into the scratch block :math:`S` and its row sums :math:`s_i` — without
-   subtracting the row maximum. That is safe whenever :math:`s_i` is finite and not
-   tiny; rows where it is not (huge or very negative logits, ``inf``, NaN) are redone
-   the textbook way, with the maximum subtracted, from the untouched input block;
+   subtracting the row maximum;
 3. one multiply writes the gradient :math:`S\cdot c_i` where
    :math:`c_i = \mathrm{scale}\cdot a_i / s_i` folds the softmax normalisation, the
    coefficient :math:`a_i` of the loss (weights, smoothing, z-loss) and the mean's
    :math:`1/\sum w_{y}` into one per-row factor;
 4. the target term is subtracted at one index per row.
 
-The log-sum-exp :math:`\log s_i` and the loss are accumulated in float64 per row.
-MSE and BCE-with-logits use the same blocking over flat chunks.
+Skipping the max subtraction is exact to the dtype's rounding only while
+:math:`c_i` is 0 or lies in ``[tiny, 1/eps]`` (``tiny`` the smallest normal number):
+below, :math:`c_i` itself rounds to a subnormal or to zero (large logits, many rows:
+float32 ``x = 88`` with ``N = 1e7``); above, entries of :math:`S` that fell into the
+subnormal range would be scaled up with their lost bits (rows of very negative
+logits). Rows outside that range, and rows whose :math:`s_i` is not finite or below
+``sqrt(tiny)`` (``inf``, NaN), are redone the textbook way, with the maximum subtracted,
+from the untouched input block, before anything is written; so every finite input gives
+the generic path's result to the dtype's rounding. A ``+inf`` logit is subtracted as it
+is and makes its row NaN, as in PyTorch.
+
+The log-sum-exp :math:`\log s_i` and the loss are computed in float64 per row; the row
+sums :math:`s_i` are accumulated to a few units of float32 rounding in every layout
+(see :func:`_row_sums`). MSE and BCE-with-logits use the same blocking over flat chunks.
+
+Aliasing: the loops write the gradient block by block while still reading the other
+inputs, so labels, targets and weights that may share memory with the gradient's
+destination (``out=``, or the input itself with ``inplace=True``) are copied first; an
+``out=`` that partly overlaps the logits gets a fresh gradient copied back at the end
+(``out=`` that *is* the logits is safe: each block is read before it is written).
 
 Layouts: any array whose rows (all axes but the class axis) form one strided axis is
 read and written in place through a strided view — C order, Fortran order, slices, or
@@ -34,7 +50,9 @@ pages. Only N-d arrays whose other axes cannot merge (e.g. ``(N, C, d)`` with
 
 Every fast path first calls the generic kernel's ``_validate_*`` function, so errors are
 the same on both paths, and returns ``NotImplemented`` (the generic code then runs) for
-dtypes other than float32/float64, empty inputs and non-NumPy arrays.
+dtypes other than native-byte-order float32/float64 (``'>f8'`` on a little-endian
+machine, float16, longdouble: the generic body computes those by width, at least in
+float64 for 64-bit and wider types), empty inputs and non-NumPy arrays.
 
 Small inputs (one block, at most :data:`SMALL_BYTES`) of the common cases — integer
 labels without weights, smoothing or z-loss; MSE without weights or ``out=`` — skip the
@@ -49,11 +67,12 @@ helpers, or return ``NotImplemented`` and let the generic body raise them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -62,7 +81,7 @@ import numpy as np
 
 from gradcore import activations as _act
 from gradcore._checks import check_same_shape
-from gradcore._dispatch import get_num_threads, register_fast_path
+from gradcore._dispatch import check_thread_setting, get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
 from gradcore.linear_xent import _validate_lxent
 from gradcore.losses import _check_softcap, _validate_bce, _validate_mse, _validate_xent
@@ -110,19 +129,40 @@ def _plain(a: Any) -> bool:
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] = (0, 0)
 _pool_lock = threading.Lock()
+#: Calls currently submitting to or waiting on each pool (keyed by id, with its pid).
+_pool_users: dict[int, int] = {}
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
-    """The shared pool of ``n`` threads (new after a fork: the parent's threads are gone)."""
+@contextlib.contextmanager
+def _borrow_pool(n: int) -> Iterator[ThreadPoolExecutor]:
+    """The shared pool of ``n`` threads, held for the duration of one call.
+
+    A new size (or a fork: the parent's threads are gone) makes a new pool; the old one
+    is shut down only once the last call still using it has returned, so a concurrent
+    :func:`gradcore.set_num_threads` never pulls a pool from under a running kernel.
+    """
     global _pool, _pool_key
     key = (n, os.getpid())
     with _pool_lock:
         if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[1] == key[1]:
-                _pool.shutdown(wait=False)
+            old, old_pid = _pool, _pool_key[1]
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gradcore")
             _pool_key = key
-        return _pool
+            if old is not None and old_pid == key[1] and not _pool_users.get(id(old)):
+                old.shutdown(wait=False)
+        pool = _pool
+        _pool_users[id(pool)] = _pool_users.get(id(pool), 0) + 1
+    try:
+        yield pool
+    finally:
+        with _pool_lock:
+            left = _pool_users[id(pool)] - 1
+            if left:
+                _pool_users[id(pool)] = left
+            else:
+                del _pool_users[id(pool)]
+                if pool is not _pool:  # retired while this call ran: its last user
+                    pool.shutdown(wait=False)
 
 
 def _parallel(n_rows: int, block_rows: int, n_elements: int, work: Callable[..., None]) -> None:
@@ -134,20 +174,21 @@ def _parallel(n_rows: int, block_rows: int, n_elements: int, work: Callable[...,
     if n_elements < MIN_PARALLEL_ELEMENTS:
         work(0, n_rows)
         return
+    n_threads = get_num_threads()  # read once: another thread may change it meanwhile
     n_blocks = -(-n_rows // block_rows)
-    threads = min(get_num_threads(), n_blocks)
+    threads = min(n_threads, n_blocks)
     if threads <= 1:
         work(0, n_rows)
         return
     edges = [min(n_rows, (n_blocks * k // threads) * block_rows) for k in range(threads + 1)]
     chunks = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    pool = _executor(get_num_threads())
-    futures = [pool.submit(work, lo, hi) for lo, hi in chunks[1:]]
-    try:
-        work(*chunks[0])  # the calling thread takes the first chunk itself
-    finally:
-        for f in futures:  # never return while a worker may still write
-            f.result()
+    with _borrow_pool(n_threads) as pool:
+        futures = [pool.submit(work, lo, hi) for lo, hi in chunks[1:]]
+        try:
+            work(*chunks[0])  # the calling thread takes the first chunk itself
+        finally:
+            for f in futures:  # never return while a worker may still write
+                f.result()
 
 
 # --- layout helpers --------------------------------------------------------------------
@@ -219,6 +260,21 @@ def _aliases(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+def _unalias(inplace: bool, x: np.ndarray, out: Any, *others: Any) -> list[Any]:
+    """``others`` (labels, targets, weights), each copied if the gradient's destination
+    (``x`` itself for ``inplace=True``, else ``out``) may overlap it.
+
+    The blocked loops write the gradient block by block while still reading the other
+    inputs (and threads write blocks that others read), so an input that shares memory
+    with the destination would be read after being overwritten. These inputs are at
+    most the size of ``x``, and overlap is rare; a copy keeps every case exact.
+    """
+    dest = x if inplace else out
+    if dest is None:
+        return list(others)
+    return [o.copy() if o is not None and np.may_share_memory(dest, o) else o for o in others]
+
+
 def _grad_target(
     x: np.ndarray,
     axis: int,
@@ -242,73 +298,152 @@ def _grad_target(
 
 
 def _stable_limits(dtype: np.dtype) -> float:
-    # A row sum of exp(x) at least sqrt(tiny) means every entry that underflowed is
-    # far below the precision of the largest one, so skipping the max shift is exact.
+    # A row sum of exp(x) below sqrt(tiny) (or not finite) always takes the shifted route;
+    # the per-row factor's range (_coef_ok) decides the rest.
     return float(np.sqrt(np.finfo(dtype).tiny))
 
 
 _TINY = {d: _stable_limits(d) for d in _FAST_DTYPES}
+#: The per-row factor c_i must be a normal number (else it loses bits, rounding to a
+#: subnormal or zero: rows of large logits) ...
+_COEF_MIN = {d: float(np.finfo(d).tiny) for d in _FAST_DTYPES}
+#: ... and at most 1/eps, so that the rounding of an entry of exp(x) that fell into the
+#: subnormal range (absolute error tiny * eps / 2) times c_i stays below tiny.
+_COEF_MAX = {d: float(1.0 / np.finfo(d).eps) for d in _FAST_DTYPES}
+
+
+def _coef_bad(coef: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Rows whose factor ``c_i`` would not make ``exp(x) * c_i`` exact to the dtype's
+    rounding (None when there are none, the common case, found with two reductions).
+
+    Elsewhere each gradient entry, and with it the whole row, agrees with the
+    max-shifted textbook computation to a few units in the last place (or, for entries
+    below the normal range, to the dtype's smallest normal number). NaN counts as bad.
+    """
+    if coef.min() >= _COEF_MIN[dtype] and coef.max() <= _COEF_MAX[dtype]:  # false for NaN
+        return None
+    bad = ~_coef_ok(coef, dtype)
+    return bad if bad.any() else None
+
+
+def _coef_ok(coef: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows whose factor ``c_i`` is 0 or in [tiny, 1/eps] in absolute value (see above)."""
+    c = np.abs(coef)
+    ok = c >= _COEF_MIN[dtype]
+    ok &= c <= _COEF_MAX[dtype]
+    ok |= c == 0.0
+    return ok
+
 
 _ones_cache: dict[tuple[int, Any], np.ndarray] = {}
+_chunk_cache: dict[int, int] = {}
+#: Rows up to this long are summed by one BLAS matrix-vector product each; longer ones in
+#: chunks (see _row_sums).
+BLAS_ROW_MAX = 2048
+
+
+def _ones(n: int, dtype: Any) -> np.ndarray:
+    key = (n, dtype)
+    ones = _ones_cache.get(key)
+    if ones is None:
+        ones = _ones_cache.setdefault(key, np.ones(n, dtype=dtype))
+    return ones
+
+
+def _chunk(C: int) -> int:
+    """A divisor of ``C`` in [256, BLAS_ROW_MAX] (0 if none): the chunk of a long row."""
+    k = _chunk_cache.get(C)
+    if k is None:
+        k = next((d for d in range(256, BLAS_ROW_MAX + 1) if C % d == 0), 0)
+        _chunk_cache[C] = k
+    return k
 
 
 def _row_sums(s: np.ndarray) -> np.ndarray:
-    """Row sums of a non-negative block in float64.
+    """Row sums of a non-negative block in float64, to a few units of the block's rounding.
 
-    A matrix-vector product with ones runs about 3x faster than ``np.add.reduce`` over
-    rows and, like it, accumulates in blocks (BLAS), so it is no less accurate.
+    For C-contiguous blocks a matrix-vector product with ones runs 2-4x faster than
+    ``np.add.reduce`` over rows. BLAS adds each row in a handful of running float32
+    sums, so a long row would lose precision (rows of 2**20: 1e-5 relative): rows longer
+    than :data:`BLAS_ROW_MAX` are summed in chunks of at most that many entries by one
+    product over the block seen as (rows * chunks, chunk), and the chunks' sums are added
+    in float64 (as fast as the plain product, 1e-8 relative). Rows with no such chunk
+    length use NumPy's pairwise sum. Other layouts (column-major blocks, strided views)
+    would add element by element in the block's dtype, so they accumulate in float64.
     """
     if not (s.flags.c_contiguous and USE_BLAS_ROW_SUMS):
+        return np.add.reduce(s, axis=1, dtype=np.float64)
+    n, C = s.shape
+    if C <= BLAS_ROW_MAX:
+        return np.matmul(s, _ones(C, s.dtype)).astype(np.float64)
+    k = _chunk(C)
+    if k == 0:
         return np.add.reduce(s, axis=1).astype(np.float64)
-    key = (s.shape[1], s.dtype)
-    ones = _ones_cache.get(key)
-    if ones is None:
-        ones = _ones_cache.setdefault(key, np.ones(s.shape[1], dtype=s.dtype))
-    return np.matmul(s, ones).astype(np.float64)
+    partial = np.matmul(s.reshape(n * (C // k), k), _ones(k, s.dtype))
+    return np.add.reduce(partial.reshape(n, C // k), axis=1, dtype=np.float64)
 
 
-def _exp_rows(x: np.ndarray, s: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """exp(x) into ``s``; return (row sums in float64, per-row shift or None if all 0).
+def _row_dot(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Per-row ``sum_c w_c x_ic`` (plain sum without ``w``) in float64, any layout."""
+    if x.flags.c_contiguous:
+        r = np.add.reduce(x, axis=1) if w is None else x @ w
+        return r.astype(np.float64)
+    if w is None:
+        return np.add.reduce(x, axis=1, dtype=np.float64)
+    return np.einsum("ij,j->i", x, w, dtype=np.float64)
 
-    The caller silences floating-point warnings: rows that overflow are redone here.
+
+def _exp_rows(
+    x: np.ndarray, s: np.ndarray, tiny: float
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """exp(x) into ``s``; return (row sums in float64, per-row shift, rows shifted).
+
+    Shift and mask are None when no row needed one. The caller silences floating-point
+    warnings: rows that overflow are redone here, with their maximum subtracted.
     """
     np.exp(x, out=s)
     sums = _row_sums(s)
     if sums.min() >= tiny and sums.max() < np.inf:  # false with NaN too
-        return sums, None
+        return sums, None, None
     ok = sums >= tiny
     ok &= sums < np.inf
     shift = np.zeros_like(sums)
-    if not ok.all():
-        idx = np.flatnonzero(~ok)
-        xb = x[idx]  # a copy; the input block itself is never written here
-        m = np.max(xb, axis=1)
-        m[~np.isfinite(m)] = 0.0
-        xb -= m[:, None]
-        np.exp(xb, out=xb)
-        s[idx] = xb
-        sums[idx] = np.add.reduce(xb, axis=1)
-        shift[idx] = m
-    return sums, shift
+    redo = ~ok
+    _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
+    return sums, shift, redo
 
 
-def _exp_rows_inplace(x: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """exp(x - shift) written over x; return (row sums in float64, per-row shift).
+def _shift_rows(
+    x: np.ndarray, s: np.ndarray, sums: np.ndarray, shift: np.ndarray, idx: np.ndarray
+) -> None:
+    """Redo rows ``idx`` of ``s = exp(x)`` the textbook way, with the row maximum subtracted.
 
-    Rows whose maximum lies in [lo, hi] need no shift (their sum can neither overflow nor
-    underflow); only blocks with other rows pay for the subtraction.
+    ``x`` is only read (the rows are copied). A row whose maximum is ``-inf`` (all
+    entries ``-inf``) keeps shift 0 and gives 0/0 = NaN downstream; a maximum of ``+inf``
+    is subtracted as it is, so that the row becomes NaN, as in PyTorch.
     """
-    m = np.max(x, axis=1).astype(np.float64)
-    if (m >= lo).all() and (m <= hi).all():
-        shift = np.zeros_like(m)
-        with np.errstate(under="ignore"):
-            np.exp(x, out=x)
-    else:
-        shift = np.where(np.isfinite(m), m, 0.0)
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            np.subtract(x, shift.astype(x.dtype)[:, None], out=x)
-            np.exp(x, out=x)
-    return _row_sums(x), shift
+    if idx.size == 0:
+        return
+    xb = x[idx]  # a copy; the input block itself is never written here
+    m = np.max(xb, axis=1)
+    m[m == -np.inf] = 0.0
+    xb -= m[:, None]
+    np.exp(xb, out=xb)
+    s[idx] = xb
+    sums[idx] = np.add.reduce(xb, axis=1, dtype=np.float64)
+    shift[idx] = m
+
+
+def _exp_rows_inplace(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(x - max) written over x; return (row sums in float64, per-row shift).
+
+    x is destroyed here, so no row can be redone later: every row is shifted.
+    """
+    m = np.max(x, axis=1)
+    m[m == -np.inf] = 0.0  # all -inf rows: 0/0 = NaN downstream; +inf rows become NaN
+    np.subtract(x, m[:, None], out=x)
+    np.exp(x, out=x)
+    return _row_sums(x), m.astype(np.float64)
 
 
 # --- softmax cross-entropy --------------------------------------------------------------
@@ -366,6 +501,8 @@ def softmax_cross_entropy(
         inplace=inplace,
         xp=np_compat,
     )
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
+    labels, weight = _unalias(inplace, logits, out, labels, weight)
     if (
         logits.ndim == 2
         and args.axis == 1
@@ -423,8 +560,17 @@ def softmax_cross_entropy(
         else:
             w_y = np.where(active, w64[lab_safe], 0.0)
         divisor = float(w_y.sum()) if args.reduction == "mean" else 1.0
-        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch.
-        scale = 1.0 / divisor if divisor != 0.0 else 1.0
+        if divisor == 0.0:
+            # PyTorch's 0/0: a NaN mean, NaN rows for every row not ignored (all its
+            # terms are divided by 0), zero rows for ignored ones (see the docstring).
+            def fill(lo: int, hi: int) -> None:
+                g = G[lo:hi]
+                g[...] = 0
+                g[~ignored[lo:hi]] = np.nan
+
+            _parallel(N, max(1, BLOCK_BYTES // (C * dtype.itemsize)), N * C, fill)
+            return np.asarray(np.nan, dtype=dtype), target.finish()
+        scale = 1.0 / divisor
         with np.errstate(invalid="ignore"):
             at_label = ((1.0 - eps) * scale * w_y).astype(dtype)
             dense: Any = None
@@ -471,16 +617,21 @@ def _xent_small(
     with np.errstate(all="ignore"):
         s = np.exp(x)
         sums = _row_sums(s)
-        if not (sums.min() >= _TINY[dtype] and sums.max() < np.inf):
+        scale = 1.0 / N if reduction == "mean" else 1.0
+        # Every row's factor scale / s_i in [_COEF_MIN, _COEF_MAX] (see _coef_ok), and
+        # s_i finite and not tiny; else a row needs the shifted route.
+        s_lo = max(_TINY[dtype], scale / _COEF_MAX[dtype])
+        s_hi = scale / _COEF_MIN[dtype]
+        top = sums.max()
+        if not (sums.min() >= s_lo and top <= s_hi and top < np.inf):
             return None
+        coef = 1.0 / sums
+        if scale != 1.0:
+            coef *= scale
         rows = np.arange(N)
         picked = x[rows, lab].astype(np.float64)
         lse = np.log(sums)
         loss = lse - picked
-        scale = 1.0 / N if reduction == "mean" else 1.0
-        coef = 1.0 / sums
-        if scale != 1.0:
-            coef *= scale
         g = x if inplace else s
         np.multiply(s, coef.astype(dtype)[:, None], out=g)
         g[rows, lab] -= dtype.type(scale)
@@ -490,6 +641,113 @@ def _xent_small(
         if reduction == "mean":
             total /= float(N)
         return np.asarray(total, dtype=dtype), g
+
+
+def _hard_terms(
+    sums: np.ndarray,
+    shift: np.ndarray | None,
+    wy: np.ndarray,
+    act: np.ndarray,
+    picked: np.ndarray,
+    xw: np.ndarray | None,
+    eps: float,
+    C: int,
+    z: float,
+    W: float,
+    scale: float,
+    all_active: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (loss, factor c_i) of the integer-label path, from the rows' exp sums.
+
+    Ignored rows get 0 for both, whatever their logits (inf, NaN) gave.
+    """
+    lse = np.log(sums)
+    if shift is not None:
+        lse += shift
+    a = wy if eps == 0.0 else (1.0 - eps) * wy
+    loss = a * (lse - picked)
+    if eps > 0.0:
+        assert xw is not None
+        a = a + (eps / C) * W * act
+        loss += np.where(act, (eps / C) * (W * lse - xw), 0.0)
+    if z > 0.0:
+        a = a + (2.0 * z) * lse * act
+        loss += np.where(act, z * lse * lse, 0.0)
+    coef = a / sums
+    if scale != 1.0:
+        coef *= scale
+    if all_active:
+        return loss, coef
+    return np.where(act, loss, 0.0), np.where(act, coef, 0.0)
+
+
+def _finite_loss_rows(
+    loss: np.ndarray,
+    x: np.ndarray,
+    sums: np.ndarray,
+    shift: np.ndarray | None,
+    w: np.ndarray | None,
+    f: float,
+    z: float,
+    rows: np.ndarray | None = None,
+    label: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Redo the rows whose loss overflowed although their logits are finite.
+
+    The blocks compute a weighted cross-entropy term as ``W * lse - sum_c w_c x_c``
+    (``mass * lse - sum_c t_c x_c`` for soft targets), whose two parts overflow
+    separately for logits near the dtype's maximum (float64 ``9e307``) while their
+    difference does not. Those rare rows get
+    ``f * sum_c w_c (lse - x_c) + z lse^2`` (plus ``a_i (lse - x_{i,y_i})`` with
+    ``label = (a, picked)``), computed directly; a zero ``w_c`` counts 0 even against an
+    infinite difference. ``w`` is per class (1-D), per entry (2-D) or None (ones);
+    ``rows`` masks the rows that may be redone (not ignored ones).
+    """
+    bad = ~np.isfinite(loss)
+    if rows is not None:
+        bad &= rows
+    if not bad.any():
+        return
+    idx = np.flatnonzero(bad)
+    xk = x[idx].astype(np.float64)
+    keep = np.isfinite(xk).all(axis=1)  # inf / NaN logits: NaN stays, as in PyTorch
+    idx, xk = idx[keep], xk[keep]
+    if idx.size == 0:
+        return
+    lse = np.log(sums[idx])
+    if shift is not None:
+        lse = lse + shift[idx]
+    diff = lse[:, None] - xk
+    if w is None:
+        term = diff.sum(axis=1)
+    else:
+        wk = (w[idx] if w.ndim == 2 else w[None, :]).astype(np.float64)
+        term = np.where(wk == 0, 0.0, wk * diff).sum(axis=1)
+    value = f * term + (z * lse) * lse
+    if label is not None:
+        a, picked = label
+        value += a[idx] * (lse - picked[idx])
+    loss[idx] = value
+
+
+def _soft_terms(
+    sums: np.ndarray,
+    shift: np.ndarray | None,
+    mass: np.ndarray,
+    dot: np.ndarray,
+    z: float,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (loss, factor c_i) of the soft-label path, from the rows' exp sums."""
+    lse = np.log(sums)
+    if shift is not None:
+        lse += shift
+    loss = mass * lse - dot
+    a = mass
+    if z > 0.0:
+        loss += z * lse * lse
+        a = a + (2.0 * z) * lse
+    return loss, a * scale / sums
 
 
 def _hard_worker(
@@ -517,11 +775,10 @@ def _hard_worker(
     # exp(x) goes straight into the gradient. When that is x itself (in place), x must
     # stay intact until the rows needing the max-shifted route are known, so exp goes
     # to a per-thread scratch block and the final multiply writes x; only for wide
-    # column-major blocks, where that scratch would be large, the row maxima come first.
+    # column-major blocks, where that scratch would be large, every row is shifted
+    # first, in place.
     separate = not np.may_share_memory(X, G)
     max_first = not separate and block * C * dtype.itemsize > 2 * BLOCK_BYTES
-    finfo = np.finfo(dtype)
-    lo, hi = math.log(tiny), math.log(float(finfo.max)) - math.log(C) - 1.0
 
     def work(start: int, stop: int) -> None:
         # Overflow, 0/0 and log(0) are all handled per row below; silence them once.
@@ -540,30 +797,35 @@ def _hard_worker(
             lb, act, wy = lab[r0:r1], active[r0:r1], w_y[r0:r1]
             # Everything read from x happens before g (possibly x itself) is written.
             picked = x[i, lb].astype(np.float64)
-            if eps > 0.0:
-                xw = (np.add.reduce(x, axis=1) if wv is None else x @ wv).astype(np.float64)
-            if not max_first:
-                sums, shift = _exp_rows(x, s, tiny)
+            xw = _row_dot(x, wv) if eps > 0.0 else None
+            all_active = bool(act.all())
+            row = (wy, act, picked, xw, eps, C, z, W, scale, all_active)
+
+            shift: np.ndarray | None
+            if max_first:
+                sums, shift = _exp_rows_inplace(x)
+                loss, coef = _hard_terms(sums, shift, *row)
             else:
-                sums, shift = _exp_rows_inplace(x, lo, hi)
-            lse = np.log(sums)
-            if shift is not None:
-                lse += shift
-            a = wy if eps == 0.0 else (1.0 - eps) * wy
-            loss = a * (lse - picked)
-            if eps > 0.0:
-                a = a + (eps / C) * W * act
-                loss += np.where(act, (eps / C) * (W * lse - xw), 0.0)
-            if z > 0.0:
-                a = a + (2.0 * z) * lse * act
-                loss += np.where(act, z * lse * lse, 0.0)
-            coef = a / sums
-            if scale != 1.0:
-                coef *= scale
+                sums, shift, shifted = _exp_rows(x, s, tiny)
+                loss, coef = _hard_terms(sums, shift, *row)
+                # Rows whose factor would round badly (large logits: c_i below the
+                # normal range; tiny row sums: c_i above 1/eps) take the shifted route.
+                redo = _coef_bad(coef, dtype)
+                if redo is not None and shifted is not None:
+                    redo &= ~shifted
+                if redo is not None and redo.any():
+                    shift = np.zeros_like(sums) if shift is None else shift
+                    _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
+                    loss, coef = _hard_terms(sums, shift, *row)
+                if eps > 0.0:
+                    _finite_loss_rows(
+                        loss, x, sums, shift, wv, eps / C, z, act, ((1.0 - eps) * wy, picked)
+                    )
             np.multiply(s, coef.astype(dtype)[:, None], out=g)  # s may be g
             if dense is not None:
                 g -= dense
-                g[~act] = 0
+            if dense is not None or not (all_active or np.isfinite(sums[~act]).all()):
+                g[~act] = 0  # ignored rows: no gradient, whatever their logits
             g[i, lb] -= at_label[r0:r1]
             if bad is not None:
                 b = bad[r0:r1]
@@ -611,8 +873,11 @@ def _soft_worker(
                     t += eps / C
                 if wv is not None:
                     t *= wv
-            mass = np.add.reduce(t, axis=1).astype(np.float64)
-            dot = np.einsum("ij,ij->i", t, x).astype(np.float64)
+            mass = _row_dot(t, None)
+            if x.flags.c_contiguous and t.flags.c_contiguous:
+                dot = np.einsum("ij,ij->i", t, x).astype(np.float64)
+            else:  # strided rows would add element by element in the block's dtype
+                dot = np.einsum("ij,ij->i", t, x, dtype=np.float64)
             odd = ~np.isfinite(dot)
             if odd.any():
                 # 0 * (-inf) for a masked class with no target mass counts as 0.
@@ -620,16 +885,16 @@ def _soft_worker(
                 tk, xk = t[k], x[k]
                 prod = np.where(tk == 0, 0.0, tk.astype(np.float64) * xk)
                 dot[k] = prod.sum(axis=1)
-            sums, shift = _exp_rows(x, s, tiny)
-            lse = np.log(sums)
-            if shift is not None:
-                lse += shift
-            loss = mass * lse - dot
-            a = mass
-            if z > 0.0:
-                loss += z * lse * lse
-                a = a + (2.0 * z) * lse
-            coef = a * scale / sums
+            sums, shift, shifted = _exp_rows(x, s, tiny)
+            loss, coef = _soft_terms(sums, shift, mass, dot, z, scale)
+            redo = _coef_bad(coef, dtype)  # see _hard_worker
+            if redo is not None and shifted is not None:
+                redo &= ~shifted
+            if redo is not None and redo.any():
+                shift = np.zeros_like(sums) if shift is None else shift
+                _shift_rows(x, s, sums, shift, np.flatnonzero(redo))
+                loss, coef = _soft_terms(sums, shift, mass, dot, z, scale)
+            _finite_loss_rows(loss, x, sums, shift, t, 1.0, z)
             np.multiply(s, coef.astype(dtype)[:, None], out=g)
             if scale != 1.0:
                 np.multiply(t, scale, out=s)
@@ -705,7 +970,11 @@ class _Elementwise:
         if self.elementwise is not None:
             loss = self.elementwise.reshape(self.shape)
         else:
-            total = math.fsum(self.partials[k] for k in sorted(self.partials))
+            parts = [self.partials[k] for k in sorted(self.partials)]
+            try:
+                total = math.fsum(parts)
+            except OverflowError:  # finite parts whose exact sum overflows float64: inf
+                total = float(np.sum(parts))
             loss = np.asarray(total * scale if reduction == "mean" else total, dtype=dtype)
         grad = self.grad.reshape(self.shape)
         if self.dest is None:
@@ -716,9 +985,11 @@ class _Elementwise:
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``sum(a * b)`` over two same-shaped blocks, any layout (float64 when strided)."""
     if a.flags.c_contiguous and b.flags.c_contiguous:
         return float(np.dot(a.reshape(-1), b.reshape(-1)))
-    return float(np.einsum("...,...->", a, b, dtype=np.float64))
+    idx = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
+    return float(np.einsum(f"{idx},{idx}->", a, b, dtype=np.float64))
 
 
 def _mse_small(
@@ -751,6 +1022,8 @@ def mse(
     reduction = _validate_mse(
         pred, target, weight=weight, reduction=reduction, out=out, inplace=inplace, xp=np_compat
     )
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
+    target, weight = _unalias(inplace, pred, out, target, weight)
     dtype = pred.dtype
     scale = 1.0 / pred.size if reduction == "mean" else 1.0
     factor = dtype.type(2.0 * scale)
@@ -788,7 +1061,8 @@ def mse(
                 plan.partials[r0] = _dot(wd, g)
                 if L is not False:
                     np.multiply(wd, g, out=L[r0:r1])
-                np.multiply(wd, factor, out=g)
+                g *= factor  # before the weight: w * diff may overflow where this won't
+                g *= Wt[r0:r1]
 
     _parallel(plan.rows, plan.block, pred.size, work)
     return plan.finish(reduction, scale)
@@ -819,6 +1093,8 @@ def binary_cross_entropy_with_logits(
         inplace=inplace,
         xp=np_compat,
     )
+    check_thread_setting()  # a bad GRADCORE_NUM_THREADS fails on first use, at any size
+    targets, weight, pos_weight = _unalias(inplace, logits, out, targets, weight, pos_weight)
     dtype = logits.dtype
     scale = 1.0 / logits.size if reduction == "mean" else 1.0
     plan = _Elementwise(
@@ -859,12 +1135,12 @@ def binary_cross_entropy_with_logits(
             rest += qy
             np.multiply(rest, sig, out=g)
             g -= qy
-            if Wt is not None:
+            if scale != 1.0:
+                g *= dtype.type(scale)
+            if Wt is not None:  # after the mean's 1/N, as in the generic path
                 w = Wt[r0:r1]
                 loss *= w
                 g *= w
-            if scale != 1.0:
-                g *= dtype.type(scale)
             if L is not False:
                 L[r0:r1] = loss
             plan.partials[r0] = float(np.add.reduce(loss, axis=None, dtype=np.float64))

@@ -6,6 +6,7 @@ the generic and native paths of one kernel.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -36,6 +37,27 @@ def as_int(value: Any, name: str) -> int:
     raise TypeError(f"{name} must be an int, got {value!r}")
 
 
+def as_float(value: Any, name: str) -> float:
+    """``value`` (a real number: int, float, NumPy scalar) as a Python float.
+
+    Strings and booleans are refused with ``TypeError`` naming ``name``: ``"0.1"`` and
+    ``True`` are mistakes, not 0.1 and 1.0.
+    """
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number (int or float), got {value!r}")
+
+
+def check_bool(value: Any, name: str, *, none: bool = False) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is True or False (or None)."""
+    if isinstance(value, bool) or (none and value is None):
+        return
+    allowed = "None, True or False" if none else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {value!r}")
+
+
 def check_floating(xp: Any, x: Any, name: str) -> None:
     """Raise ``TypeError`` naming ``name`` unless ``x`` has a real floating dtype."""
     if not is_floating(xp, x):
@@ -52,10 +74,19 @@ def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype to compute in: float32 for narrower floats (float16, bfloat16)."""
+    """The dtype to compute in, decided by the floating dtype's width, not its identity.
+
+    float32 for 32 bits and narrower (float16, bfloat16), float64 for 64 bits, whatever
+    the byte order (NumPy's ``'>f8'`` is not ``== float64`` but computes in float64),
+    and wider extended types (NumPy's ``longdouble``) are kept: never computed in less
+    precision than they carry.
+    """
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
-    return xp.float32
+    bits = int(xp.finfo(dtype).bits)
+    if bits > 64:
+        return dtype
+    return xp.float64 if bits == 64 else xp.float32
 
 
 def astype(xp: Any, x: Any, dtype: Any) -> Any:

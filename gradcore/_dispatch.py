@@ -113,6 +113,9 @@ def fast_path_for(op: str, xp: Any) -> Callable[..., Any] | None:
 def use_fast_paths(enabled: bool = True) -> Iterator[None]:
     """Turn backend fast paths on or off inside a ``with`` block.
 
+    ``enabled`` must be ``True`` or ``False`` (``TypeError`` otherwise: ``"no"`` is not
+    coerced to ``True``).
+
     Examples
     --------
     >>> import numpy as np, gradcore
@@ -120,7 +123,9 @@ def use_fast_paths(enabled: bool = True) -> Iterator[None]:
     >>> with gradcore.use_fast_paths(False):
     ...     loss, grad = gradcore.softmax_cross_entropy(x, y)  # the generic body
     """
-    token = _enabled.set(bool(enabled))
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_fast_paths(enabled) must be True or False, got {enabled!r}")
+    token = _enabled.set(enabled)
     try:
         yield
     finally:
@@ -161,19 +166,44 @@ def dispatchable(func: F) -> F:
 # --- threads used by CPU fast paths ----------------------------------------------------
 
 _num_threads: int | None = None
+#: The last ``GRADCORE_NUM_THREADS`` string seen and what it gave (parsed once per value).
+_env_cache: tuple[str, int] | None = None
+
+
+def _env_num_threads() -> int | None:
+    """``GRADCORE_NUM_THREADS`` as a positive int (None if unset or empty); parsed once
+    per value, ``ValueError`` naming it when it is not a positive integer."""
+    global _env_cache
+    env = os.environ.get("GRADCORE_NUM_THREADS")
+    if not env:
+        return None
+    cached = _env_cache
+    if cached is not None and cached[0] == env:
+        return cached[1]
+    try:
+        n = int(env)
+    except ValueError:
+        raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}") from None
+    if n < 1:
+        raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}")
+    _env_cache = (env, n)
+    return n
+
+
+def check_thread_setting() -> None:
+    """Raise now if the thread count would come from an invalid ``GRADCORE_NUM_THREADS``.
+
+    Cheap (no system call): threaded CPU fast paths call it on every call, whatever the
+    size of their input, so a bad value fails on first use, not only once an input is
+    large enough to be split over threads.
+    """
+    if _num_threads is None:
+        _env_num_threads()
 
 
 def _default_num_threads() -> int:
-    env = os.environ.get("GRADCORE_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(
-                f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}"
-            ) from None
-        if n < 1:
-            raise ValueError(f"GRADCORE_NUM_THREADS must be a positive integer, got {env!r}")
+    n = _env_num_threads()
+    if n is not None:
         return n
     try:
         return len(os.sched_getaffinity(0))
@@ -194,5 +224,9 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """How many threads the CPU fast paths use (see :func:`set_num_threads`)."""
+    """How many threads the CPU fast paths use (see :func:`set_num_threads`).
+
+    Raises ``ValueError`` for an invalid ``GRADCORE_NUM_THREADS`` when no explicit
+    setting overrides it.
+    """
     return _num_threads if _num_threads is not None else _default_num_threads()

@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from ._checks import (
+    as_float,
     as_int,
     check_array,
+    check_bool,
     check_floating,
     check_same_shape,
     compute_dtype,
@@ -228,20 +230,13 @@ def _validate_xent(
     ignore_index = as_int(ignore_index, "ignore_index")
     if not -(2**63) <= ignore_index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    try:
-        label_smoothing = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
+    label_smoothing = as_float(label_smoothing, "label_smoothing")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    try:
-        z_loss = float(z_loss)
-    except (TypeError, ValueError):
-        raise TypeError(f"z_loss must be a float, got {z_loss!r}") from None
+    z_loss = as_float(z_loss, "z_loss")
     if not (z_loss >= 0.0 and math.isfinite(z_loss)):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if check_labels not in (None, True, False):
-        raise TypeError(f"check_labels must be None, True or False, got {check_labels!r}")
+    check_bool(check_labels, "check_labels", none=True)
 
     if is_floating(xp, labels):
         soft = True
@@ -292,10 +287,12 @@ def _log_softmax_parts(xp: Any, x: Any) -> tuple[Any, Any, Any]:
     """Row-wise (log-probabilities, probabilities, log-sum-exp) over the last axis.
 
     Rows whose entries are all ``-inf`` keep a finite shift (0) so that they give NaN
-    rather than an exception; entries of ``-inf`` in other rows give probability 0.
+    (0/0) rather than an exception; entries of ``-inf`` in other rows give probability
+    0. A row with a ``+inf`` (or NaN) entry is shifted by it and becomes NaN throughout,
+    as in PyTorch (``inf - inf``).
     """
     m = xp.max(x, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    m = xp.where(m == -math.inf, xp.zeros_like(m), m)
     shifted = x - m
     e = xp.exp(shifted)
     s = xp.sum(e, axis=-1, keepdims=True)
@@ -324,7 +321,8 @@ def softmax_cross_entropy(
     r"""Softmax cross-entropy and its gradient with respect to the logits, fused.
 
     Semantics follow :func:`torch.nn.functional.cross_entropy` exactly, plus the
-    optional z-loss of PaLM.
+    optional z-loss of PaLM; the edge cases (non-finite logits, a zero divisor) and the
+    two places where this deliberately differs are listed at the end of the Notes.
 
     Parameters
     ----------
@@ -396,8 +394,25 @@ def softmax_cross_entropy(
     :math:`\partial\ell/\partial x_c = (\sum_k w_k t_k + 2z\,\mathrm{lse})\,p_c - w_c t_c`.
     The ``"mean"`` divides by :math:`\sum_i w_{y_i}` over non-ignored rows (by the number
     of rows for soft targets); without weights and smoothing the gradient is the
-    lecture's :math:`-\frac1N (Y - \hat Y)`. Classes with ``-inf`` logits get
-    probability 0 and contribute nothing where their target is 0.
+    lecture's :math:`-\frac1N (Y - \hat Y)`.
+
+    Edge cases, the same on every path and backend (checked against PyTorch):
+
+    - A row with a ``+inf`` or NaN logit, or with only ``-inf`` logits, has a NaN loss
+      and a NaN gradient row. Other ``-inf`` logits give probability 0; a hard label
+      on such a class gives an infinite loss (gradient ``p - onehot``, finite).
+    - ``reduction="mean"`` with a zero divisor :math:`\sum_i w_{y_i} = 0` (every row
+      ignored, or every non-ignored row's class weight 0) is PyTorch's 0/0: the loss
+      is NaN, every non-ignored row's gradient is NaN, ignored rows' gradients are 0
+      (so an all-ignored batch has a zero gradient) — with or without label smoothing.
+      The z-loss, which PyTorch lacks, is divided by the same divisor and follows the
+      same rule: with a zero divisor its rows are NaN too, never silently dropped.
+      ``"sum"`` and ``"none"`` have no divisor: zero class weights give zero terms.
+
+    Deliberate differences from PyTorch: an ignored row contributes no loss and no
+    gradient whatever its logits (PyTorch's gradient row is NaN when they are not
+    finite); with soft targets, a class with a ``-inf`` logit and target 0 costs nothing
+    (PyTorch: ``0 * -inf``, a NaN loss).
 
     With ``softcap`` :math:`c`, the loss above is taken at :math:`u = c\tanh(x/c)`; the
     cap's Jacobian is diagonal, :math:`\partial u_c/\partial x_c = 1 - (u_c/c)^2`, so
@@ -444,12 +459,14 @@ def softmax_cross_entropy(
         row_loss = -xp.sum(tw * xp.where(tw == 0, zero, logp), axis=-1)
         coef = xp.sum(tw, axis=-1, keepdims=True)
         if args.z_loss > 0.0:
-            row_loss = row_loss + args.z_loss * lse[..., 0] ** 2
+            # (z * lse) * lse: lse**2 alone could overflow where the product does not
+            row_loss = row_loss + (args.z_loss * lse[..., 0]) * lse[..., 0]
             coef = coef + 2.0 * args.z_loss * lse
         grad = coef * p - tw
         rows = math.prod(tuple(x.shape)[:-1])
         divisor = xp.asarray(float(rows), dtype=cdtype, device=array_api_compat.device(x))
         bad = None
+        counted = None
     else:
         lab, ignored, bad = _label_masks(xp, labels, C, args.ignore_index)
         classes = xp.arange(C, dtype=lab.dtype, device=array_api_compat.device(lab))
@@ -467,7 +484,8 @@ def softmax_cross_entropy(
             row_loss = row_loss + (eps / C) * smooth
             coef = coef + (eps / C) * (float(C) if w is None else xp.sum(w))
         if args.z_loss > 0.0:
-            row_loss = row_loss + args.z_loss * lse[..., 0] ** 2
+            # (z * lse) * lse: lse**2 alone could overflow where the product does not
+            row_loss = row_loss + (args.z_loss * lse[..., 0]) * lse[..., 0]
             coef = coef + 2.0 * args.z_loss * lse[..., 0]
         grad = coef[..., None] * p - (1.0 - eps) * xp.where(onehot, w_y[..., None], zero)
         if eps > 0.0:
@@ -475,15 +493,20 @@ def softmax_cross_entropy(
         row_loss = xp.where(active, row_loss, zero)
         grad = xp.where(active[..., None], grad, zero)
         divisor = xp.sum(w_y)
+        counted = ~ignored
 
     if args.reduction == "mean":
-        # An all-ignored batch has a NaN mean (0/0) but a zero gradient, as in PyTorch;
-        # the NaN is put in place rather than divided out, which would warn.
+        # A zero divisor (every row ignored, or every counted row's class weight 0) is
+        # PyTorch's 0/0: a NaN mean, NaN gradient rows for the rows not ignored, zero
+        # rows for ignored ones. The NaNs are put in place rather than divided out,
+        # which would warn.
         empty = divisor == 0
         safe = xp.where(empty, xp.ones_like(divisor), divisor)
         nan = xp.asarray(float("nan"), dtype=cdtype, device=array_api_compat.device(x))
         loss = xp.where(empty, nan, xp.sum(row_loss) / safe)
         grad = grad / safe
+        if counted is not None:
+            grad = xp.where(empty & counted[..., None], nan, grad)
     elif args.reduction == "sum":
         loss = xp.sum(row_loss)
     else:
@@ -546,20 +569,42 @@ def _validate_elementwise(
 
 
 def _finish_elementwise(
-    xp: Any, elementwise: Any, grad: Any, x: Any, reduction: str, out: Any, inplace: bool
+    xp: Any,
+    elementwise: Any,
+    grad: Any,
+    x: Any,
+    reduction: str,
+    out: Any,
+    inplace: bool,
+    *,
+    factor: float = 1.0,
+    weight: Any = None,
 ) -> tuple[Any, Any]:
-    """Reduce an elementwise loss; deliver its gradient in ``x``'s shape and dtype."""
+    """Reduce an elementwise loss; deliver its gradient in ``x``'s shape and dtype.
+
+    The delivered gradient is ``(grad * (factor / N)) * weight`` for ``"mean"`` (``N``
+    elements), ``(grad * factor) * weight`` otherwise: the constant factor and the mean's
+    ``1/N`` are applied in one multiply, before the weight, as PyTorch does, so that a
+    huge ``grad`` is not overflowed by a factor 2 that the ``1/N`` would undo.
+    """
     shape = tuple(x.shape)
     elementwise = xp.broadcast_to(elementwise, shape)
+    if reduction == "mean":
+        factor = factor / float(max(math.prod(shape), 1))
+    if factor != 1.0:
+        grad = grad * factor
+    if weight is not None:
+        grad = weight * grad
     grad = xp.broadcast_to(grad, shape)
     if reduction == "mean":
         loss = _mean(xp, elementwise, shape, elementwise.dtype)
-        grad = grad / float(max(math.prod(shape), 1))
     elif reduction == "sum":
         loss = xp.sum(elementwise)
     else:
         loss = elementwise
-    return xp.asarray(xp.astype(loss, x.dtype)), _deliver(xp.astype(grad, x.dtype), x, out, inplace)
+    # asarray first: a NumPy scalar's astype would drop a non-native byte order
+    loss = xp.astype(xp.asarray(loss), x.dtype)
+    return loss, _deliver(xp.astype(grad, x.dtype), x, out, inplace)
 
 
 # --- mean squared error -----------------------------------------------------------------
@@ -628,6 +673,11 @@ def mse(
     :math:`\partial J/\partial J_0 = (\frac1N,\dots,\frac1N)` times the diagonal
     :math:`\partial J_0/\partial\hat y = \mathrm{diag}(-2 w (y - \hat y))` collapses to
     the elementwise :math:`\partial J/\partial\hat y = -\frac2N\, w\,(y - \hat y)`.
+
+    As in PyTorch, the gradient is :math:`(\hat y - y)\cdot\frac2N` in one multiply
+    (then times :math:`w`), so it stays finite wherever the result is representable
+    (float32 :math:`\hat y - y = 3\cdot10^{38}`, :math:`N = 16`: :math:`3.75\cdot10^{37}`),
+    while the loss, a sum of squares in the input's dtype, overflows to ``inf`` there.
     """
     xp = get_namespace(pred, target, weight, out, xp=xp)
     reduction = _validate_mse(
@@ -635,10 +685,11 @@ def mse(
     )
     cdtype = compute_dtype(xp, pred.dtype)
     diff = xp.astype(pred, cdtype) - xp.astype(target, cdtype)
-    wdiff = diff if weight is None else xp.astype(weight, cdtype) * diff
-    elementwise = wdiff * diff
-    grad = 2.0 * wdiff
-    return _finish_elementwise(xp, elementwise, grad, pred, reduction, out, inplace)
+    w = None if weight is None else xp.astype(weight, cdtype)
+    elementwise = diff * diff if w is None else (w * diff) * diff
+    return _finish_elementwise(
+        xp, elementwise, diff, pred, reduction, out, inplace, factor=2.0, weight=w
+    )
 
 
 # --- binary cross-entropy with logits ---------------------------------------------------
@@ -749,11 +800,11 @@ def binary_cross_entropy_with_logits(
     qy = y if pos_weight is None else xp.astype(pos_weight, cdtype) * y
     elementwise = qy * softplus_neg + (1.0 - y) * softplus_pos
     grad = (qy + 1.0 - y) * sig - qy
+    wc = None
     if weight is not None:
         wc = xp.astype(weight, cdtype)
         elementwise = wc * elementwise
-        grad = wc * grad
-    return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace)
+    return _finish_elementwise(xp, elementwise, grad, logits, reduction, out, inplace, weight=wc)
 
 
 # --- options shared with the fused linear + cross-entropy -------------------------------
