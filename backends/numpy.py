@@ -1398,7 +1398,10 @@ def _xent_softcap(
         np.tanh(deriv, out=deriv)
     dest = logits if inplace else out
     reads = [labels] + ([] if weight is None else [weight])
-    if dest is None or (not inplace and any(np.may_share_memory(dest, r) for r in reads)):
+    # The capped logits are written into the destination before the loss reads the
+    # labels and weights: one that overlaps them (the logits as their own soft labels,
+    # in place) gets a fresh buffer, copied over at the end.
+    if dest is None or any(np.may_share_memory(dest, r) for r in reads):
         grad = np.empty_like(logits)
     else:
         grad = dest

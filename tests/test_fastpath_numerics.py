@@ -394,13 +394,14 @@ def test_mse_shifted_views_inplace(path, n, blocked):
 
 @pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("mode", ["inplace", "out"])
-def test_soft_xent_labels_are_the_logits(path, mode, blocked):
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_soft_xent_labels_are_the_logits(path, mode, softcap, blocked):
     rng = np.random.default_rng(0)
     x = rng.random((7, 5)).astype(np.float32)
-    want = xent(*_copies(x, x), label_smoothing=0.1)
+    want = xent(*_copies(x, x), label_smoothing=0.1, softcap=softcap)
     kw = {"inplace": True} if mode == "inplace" else {"out": x}
     with gradcore.use_fast_paths(path == "fast"):
-        loss, grad = xent(x, x, label_smoothing=0.1, **kw)
+        loss, grad = xent(x, x, label_smoothing=0.1, softcap=softcap, **kw)
     np.testing.assert_allclose(grad, want[1], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(loss, want[0], rtol=1e-6)
 
@@ -426,6 +427,13 @@ def test_out_overlapping_targets_and_weights(path, blocked):
         got = xent(x, labels, weight=x[0], label_smoothing=0.1, inplace=True)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        x = rng.standard_normal((6, 6)).astype(np.float32) ** 2
+        for softcap in (None, 2.0):
+            want = xent(x.copy(), labels, weight=x[0].copy(), softcap=softcap)
+            y = x.copy()
+            got = xent(y, labels, weight=y[0], softcap=softcap, inplace=True)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
 
 
 # --- item 6: column-major layouts keep float64 accumulation ----------------------------------
