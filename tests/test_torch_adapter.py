@@ -879,3 +879,24 @@ def test_linear_cross_entropy_under_torch_func_grad():
 
     _close(torch.func.grad(lambda c: f(gt, c))(W), torch.func.grad(lambda c: f(F, c))(W),
            torch.float64, "torch.func.grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_half_precision_on_cpu(dtype, reduction):
+    # No NumPy dtype: the generic kernel in PyTorch ops, gradients accumulated in float32
+    # and returned in the input's dtype; checked against float32 autograd.
+    x, W, b, y, _ = _lxent_case("ignored", torch.float32, seed=8, n=20, h=8, v=13)
+    options = {"ignore_index": 2, "reduction": reduction}
+    half = [t.to(dtype) for t in (x, W, b)]
+    got = _lxent_grads(
+        lambda a, c, d: gt.linear_cross_entropy(a, c, y, linear_bias=d, **options), *half, 6
+    )
+    want = _lxent_grads(
+        lambda a, c, d: F.cross_entropy(F.linear(a, c, d), y, **options),
+        *(t.float() for t in half),
+        6,
+    )
+    for a, e, what in zip(got, want, ("loss", "dx", "dW", "db"), strict=True):
+        assert a.dtype == dtype, what
+        torch.testing.assert_close(a.float(), e, rtol=2e-2, atol=2e-2 * float(e.abs().max()))
