@@ -333,3 +333,19 @@ def test_linear_cross_entropy_labels_and_weights_are_constants():
     assert all(bool(jnp.all(a == 0)) for a in g)
     with pytest.raises(ValueError, match="reduction"):
         gj.linear_cross_entropy(x, w, y, reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_vmap_of_grad_matches_per_example_autodiff(reduction):
+    rng = np.random.default_rng(14)
+    xs = jnp.asarray(rng.standard_normal((3, 5, 4)))
+    w = jnp.asarray(rng.standard_normal((4, 6)))
+    ys = jnp.asarray(rng.integers(0, 6, (3, 5)))
+
+    def ours(x, y):
+        return _upstream(gj.linear_cross_entropy(x, w, y, reduction=reduction, chunk_size=2), 2)
+
+    def ref(x, y):
+        return _upstream(_reference_xent(x @ w, y, -1, None, -100, 0.0, reduction, 0.0), 2)
+
+    _close(jax.vmap(jax.grad(ours))(xs, ys), jax.vmap(jax.grad(ref))(xs, ys), "float64")
