@@ -196,10 +196,19 @@ class _LxentOptions(NamedTuple):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lxent(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any, weight: Any) -> Any:
-    return _lxent_kernel(options, x, w, labels, bias, weight)[0]
+    # Not differentiated: the loss only (dx is skipped; under jit XLA drops dW, db too).
+    return _lxent_kernel(options, x, w, labels, bias, weight, need_dx=False)[0]
 
 
-def _lxent_kernel(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any, weight: Any):
+def _lxent_kernel(
+    options: _LxentOptions,
+    x: Any,
+    w: Any,
+    labels: Any,
+    bias: Any,
+    weight: Any,
+    need_dx: bool = True,
+):
     from .linear_xent import linear_cross_entropy as kernel
 
     return kernel(
@@ -214,12 +223,14 @@ def _lxent_kernel(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any
         z_loss=options.z_loss,
         softcap=options.softcap,
         chunk_size=options.chunk_size,
+        need_dx=need_dx,
     )
 
 
 def _lxent_fwd(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any, weight: Any):
-    loss, dx, dw, db = _lxent_kernel(options, x, w, labels, bias, weight)
-    if options.reduction == "none":
+    none = options.reduction == "none"
+    loss, dx, dw, db = _lxent_kernel(options, x, w, labels, bias, weight, need_dx=not none)
+    if none:
         # Row cotangents must scale delta_i before the contraction into dW and db: the
         # backward recomputes the chunks from the inputs.
         return loss, (None, None, None, x, w, labels, bias, weight)
