@@ -1,6 +1,6 @@
 r"""JAX losses with gradcore's fused gradients: ``jax.custom_vjp`` functions.
 
-``gradcore.jax`` gives ``softmax_cross_entropy``, ``mse`` and
+``gradcore.jax`` gives ``softmax_cross_entropy``, ``linear_cross_entropy``, ``mse`` and
 ``binary_cross_entropy_with_logits`` as functions that ``jax.grad``,
 ``jax.value_and_grad``, ``jax.jit`` and ``jax.vmap`` understand::
 
@@ -39,7 +39,12 @@ import jax.numpy as jnp
 
 from . import losses as _losses
 
-__all__ = ["binary_cross_entropy_with_logits", "mse", "softmax_cross_entropy"]
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "linear_cross_entropy",
+    "mse",
+    "softmax_cross_entropy",
+]
 
 
 def _scale(grad: Any, g: Any, axis: int | None) -> Any:
@@ -62,6 +67,7 @@ class _XentOptions(NamedTuple):
     label_smoothing: float
     reduction: str
     z_loss: float
+    softcap: float | None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -80,6 +86,7 @@ def _xent_kernel(options: _XentOptions, logits: Any, labels: Any, weight: Any) -
         label_smoothing=options.label_smoothing,
         reduction=options.reduction,
         z_loss=options.z_loss,
+        softcap=options.softcap,
     )
 
 
@@ -99,7 +106,10 @@ def _xent_bwd(options: _XentOptions, residuals: Any, g: Any) -> Any:
         # loss_i = -sum_c w_c t'_ic log p_ic (+ z lse_i^2), t' = (1 - eps) t + eps / C:
         # d loss / d t_ic = -(1 - eps) w_c log p_ic, times the mean's 1/rows.
         eps = options.label_smoothing
-        logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis)
+        u = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        if options.softcap is not None:
+            u = options.softcap * jnp.tanh(u / options.softcap)
+        logp = jax.nn.log_softmax(u, axis)
         shape = [1] * logp.ndim
         shape[axis] = -1
         d = -(1.0 - eps) * logp
@@ -124,6 +134,7 @@ def softmax_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> Any:
     r"""Softmax cross-entropy with the fused gradient as its VJP.
 
@@ -135,8 +146,9 @@ def softmax_cross_entropy(
         Integer class indices (the logits' shape without the class axis; covers
         optax's ``softmax_cross_entropy_with_integer_labels``) or class probabilities
         (the logits' shape; optax's ``softmax_cross_entropy``).
-    axis, weight, ignore_index, label_smoothing, reduction, z_loss
-        As in :func:`gradcore.softmax_cross_entropy`. ``weight`` is a constant.
+    axis, weight, ignore_index, label_smoothing, reduction, z_loss, softcap
+        As in :func:`gradcore.softmax_cross_entropy` (``softcap``: the loss of
+        :math:`c\tanh(x/c)`). ``weight`` is a constant.
 
     Returns
     -------
@@ -158,11 +170,181 @@ def softmax_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
     options = _XentOptions(
-        int(axis) % ndim, int(ignore_index), float(label_smoothing), reduction, float(z_loss)
+        int(axis) % ndim,
+        int(ignore_index),
+        float(label_smoothing),
+        reduction,
+        float(z_loss),
+        None if softcap is None else float(softcap),
     )
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     return _xent(options, logits, labels, None if weight is None else jnp.asarray(weight))
+
+
+# --- linear + cross-entropy ---------------------------------------------------------------
+
+
+class _LxentOptions(NamedTuple):
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    z_loss: float
+    softcap: float | None
+    chunk_size: int | None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lxent(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any, weight: Any) -> Any:
+    # Not differentiated: the loss only (dx is skipped; under jit XLA drops dW, db too).
+    return _lxent_kernel(options, x, w, labels, bias, weight, need_dx=False)[0]
+
+
+def _lxent_kernel(
+    options: _LxentOptions,
+    x: Any,
+    w: Any,
+    labels: Any,
+    bias: Any,
+    weight: Any,
+    need_dx: bool = True,
+):
+    from .linear_xent import linear_cross_entropy as kernel
+
+    return kernel(
+        x,
+        w,
+        labels,
+        bias=bias,
+        weight=weight,
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+        reduction=options.reduction,
+        z_loss=options.z_loss,
+        softcap=options.softcap,
+        chunk_size=options.chunk_size,
+        need_dx=need_dx,
+    )
+
+
+def _lxent_fwd(options: _LxentOptions, x: Any, w: Any, labels: Any, bias: Any, weight: Any):
+    none = options.reduction == "none"
+    loss, dx, dw, db = _lxent_kernel(options, x, w, labels, bias, weight, need_dx=not none)
+    if none:
+        # Row cotangents must scale delta_i before the contraction into dW and db: the
+        # backward recomputes the chunks from the inputs.
+        return loss, (None, None, None, x, w, labels, bias, weight)
+    return loss, (dx, dw, db, None, None, None, bias, weight)
+
+
+def _lxent_rows_vjp(options: _LxentOptions, x, w, labels, bias, weight, g):
+    r"""Exact VJP of ``"none"``: :math:`\bar W = \sum_i g_i x_i^\top\delta_i` per chunk."""
+    from .linear_xent import default_chunk_rows
+
+    n_in, n_classes = w.shape
+    lead = x.shape[:-1]
+    soft = _floating(labels)
+    x2 = jnp.reshape(x, (-1, n_in))
+    n_rows = x2.shape[0]
+    t2 = jnp.reshape(labels, (n_rows, n_classes) if soft else (n_rows,))
+    g2 = jnp.reshape(g, (n_rows,))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    w_acc = w.astype(acc)
+    rows = options.chunk_size or default_chunk_rows(n_rows, n_in, n_classes)
+    dx_parts = []
+    dw = jnp.zeros(w.shape, acc)
+    db = jnp.zeros((n_classes,), acc)
+    for start in range(0, n_rows, rows):
+        xc = x2[start : start + rows].astype(acc)
+        z = xc @ w_acc
+        if bias is not None:
+            z = z + bias.astype(acc)
+        _, delta = _losses.softmax_cross_entropy(
+            z,
+            t2[start : start + rows],
+            weight=weight,
+            ignore_index=options.ignore_index,
+            label_smoothing=options.label_smoothing,
+            reduction="none",
+            z_loss=options.z_loss,
+            softcap=options.softcap,
+            check_labels=False,
+        )
+        delta = delta * g2[start : start + rows, None].astype(acc)
+        dx_parts.append(delta @ w_acc.T)
+        dw = dw + xc.T @ delta
+        db = db + jnp.sum(delta, axis=0)
+    dx = jnp.concatenate(dx_parts, axis=0) if dx_parts else jnp.zeros((0, n_in), acc)
+    dx = jnp.reshape(dx, (*lead, n_in)).astype(x.dtype)
+    return dx, dw.astype(w.dtype), None if bias is None else db.astype(bias.dtype)
+
+
+def _lxent_bwd(options: _LxentOptions, residuals: Any, g: Any) -> Any:
+    dx, dw, db, x, w, labels, bias, weight = residuals
+    if options.reduction == "none":
+        dx, dw, db = _lxent_rows_vjp(options, x, w, labels, bias, weight, g)
+    else:
+        dx, dw = _scale(dx, g, None), _scale(dw, g, None)
+        db = None if db is None else _scale(db, g, None)
+    # labels and weight are constants (stop_gradient in linear_cross_entropy).
+    return dx, dw, None, db, None
+
+
+_lxent.defvjp(_lxent_fwd, _lxent_bwd)
+
+
+def linear_cross_entropy(
+    x: Any,
+    w: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Any:
+    r"""Fused linear + softmax cross-entropy with the kernel's gradients as its VJP.
+
+    The loss of :func:`gradcore.linear_cross_entropy`: cross-entropy of the logits
+    ``x @ w + bias`` (``w`` of shape (H, V), flax's ``Dense`` kernel layout), computed in
+    row chunks so the ``N x V`` logits never exist. ``x``, ``w`` and ``bias`` get
+    cotangents; ``labels`` (also soft ones) and ``weight`` are constants, as if wrapped
+    in :func:`jax.lax.stop_gradient`.
+
+    Notes
+    -----
+    For ``"mean"``/``"sum"`` the forward keeps the kernel's :math:`\bar x, \bar W,
+    \bar b` and the VJP of a cotangent :math:`g` scales them. For ``"none"`` with
+    per-row cotangents :math:`g_i`, :math:`\bar W = \sum_i g_i x_i^\top \delta_i` is not a
+    multiple of the sum's, so the backward recomputes the logits chunk by chunk and
+    scales each row of :math:`\delta` first (a second pass of the forward's cost).
+    Second derivatives are not supported.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+    options = _LxentOptions(
+        int(ignore_index),
+        float(label_smoothing),
+        reduction,
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        None if chunk_size is None else int(chunk_size),
+    )
+    labels = jax.lax.stop_gradient(jnp.asarray(labels))
+    if weight is not None:
+        weight = jax.lax.stop_gradient(jnp.asarray(weight))
+    return _lxent(
+        options,
+        jnp.asarray(x),
+        jnp.asarray(w),
+        labels,
+        None if bias is None else jnp.asarray(bias),
+        weight,
+    )
 
 
 # --- MSE --------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ that of the sum, so the row scaling is exact). There is no second pass over the 
 in the backward, and none at all when the incoming gradient is exactly 1 (the usual
 ``loss.backward()``) in eager mode on the CPU.
 
+``linear_cross_entropy`` (:func:`torch.nn.functional.linear_cross_entropy`, weight in
+PyTorch's (C, H) layout) runs :func:`gradcore.linear_cross_entropy` in row chunks and
+keeps ``dx``, ``dW``, ``db``; the backward scales them by the scalar incoming gradient.
+Its ``reduction="none"`` is the exception: ``dW`` of :math:`\sum_i g_i \ell_i` is
+:math:`\sum_i g_i x_i^\top \delta_i`, not a multiple of the sum's, so the backward
+recomputes the logits chunk by chunk and scales each row before contracting (a second
+pass). It routes CPU float32/float64 tensors to the NumPy fast path and everything else
+(CUDA included) to the generic kernel.
+
 Routing, decided per call from the logits' device and dtype, always zero-copy:
 
 - CPU float32/float64: :meth:`torch.Tensor.numpy` views go to the NumPy fast path
@@ -51,7 +60,6 @@ grad is refused (autograd's usual in-place rule). Under ``torch.compile`` and
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any
 
@@ -64,9 +72,11 @@ from . import losses as _losses
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "MSELoss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_cross_entropy",
     "mse_loss",
 ]
 
@@ -357,15 +367,6 @@ def _class_axis(x: Tensor) -> int:
     return 1 if x.ndim >= 2 else 0
 
 
-# Read once at import: the keywords of the installed kernel (softcap is newer), so that
-# the check costs nothing per call and never has to be traced by torch.compile.
-_XENT_KEYWORDS = frozenset(inspect.signature(_losses.softmax_cross_entropy).parameters)
-
-
-def _kernel_has(name: str) -> bool:
-    return name in _XENT_KEYWORDS
-
-
 def _xent_keywords(
     x: Tensor,
     soft: bool,
@@ -499,8 +500,8 @@ def cross_entropy(
         Adds :math:`z\,\mathrm{lse}^2` per non-ignored row (PaLM's z-loss), counted in
         the same divisor as the cross-entropy.
     softcap : float, optional
-        Cap the logits at :math:`c\tanh(x/c)` first. Needs a gradcore kernel with
-        ``softcap`` support; raises ``NotImplementedError`` otherwise.
+        Cap the logits at :math:`c\tanh(x/c)` first (Gemma 2's soft-capping); the
+        gradient includes the cap's derivative :math:`1 - \tanh^2(x/c)`.
     inplace : bool
         Write the gradient over ``input``'s storage (see the module notes for when it
         is safe). Ignored under ``torch.compile`` and ``torch.func`` transforms.
@@ -519,11 +520,6 @@ def cross_entropy(
     :math:`g^\top \partial\ell/\partial x`.
     """
     reduction = _check_reduction(reduction, size_average, reduce)
-    if softcap is not None and not _kernel_has("softcap"):
-        raise NotImplementedError(
-            "softcap= needs gradcore.softmax_cross_entropy with a softcap keyword, which "
-            "this installation of gradcore lacks"
-        )
     if softcap is not None:
         softcap = float(softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
@@ -571,6 +567,327 @@ def _xent_inplace_kernel(
         class_last=_class_axis(input) == input.ndim - 1,
     )
     return loss
+
+
+# --- linear + cross-entropy ---------------------------------------------------------------
+
+
+def _lxent_forward(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    weight: Tensor | None,
+    keywords: dict[str, Any],
+    need_grads: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``gradcore.linear_cross_entropy`` with PyTorch's (V, H) weight: loss, dx, dW, db.
+
+    CPU float32/float64 tensors go to the NumPy fast path as views (the weight as the
+    transposed view ``W.T``, shape (H, V)); anything else runs the generic kernel on the
+    tensors themselves. ``dW`` is returned in PyTorch's (V, H) layout, contiguous.
+    """
+    from . import linear_cross_entropy as kernel
+
+    tensors = (input, linear_weight, target, bias, weight)
+    views = _numpy_views(*tensors) if _route(*tensors) == "numpy" else None
+    if views is not None:
+        xn, wn, yn, bn, cn = views
+        loss, dx, dw, db = kernel(xn, wn.T, yn, bias=bn, weight=cn, need_dx=need_grads, **keywords)
+        loss_t = torch.from_numpy(np.asarray(loss)).contiguous()
+        if not need_grads:
+            return loss_t, None, None, None
+        return (
+            loss_t,
+            torch.from_numpy(dx),
+            torch.from_numpy(dw).t().contiguous(),
+            None if db is None else torch.from_numpy(db),
+        )
+    det = [None if t is None else t.detach() for t in tensors]
+    loss, dx, dw, db = kernel(
+        det[0], det[1].t(), det[2], bias=det[3], weight=det[4], need_dx=need_grads, **keywords
+    )
+    if not need_grads:
+        return loss.contiguous(), None, None, None
+    return (
+        loss.contiguous(),
+        _as_declared(dx, input),
+        _as_declared(dw.t(), linear_weight),
+        None if db is None else _as_declared(db, bias),
+    )
+
+
+def _lxent_keywords(
+    soft: bool,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> dict[str, Any]:
+    return {
+        "ignore_index": -100 if soft else ignore_index,
+        "reduction": reduction,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "softcap": softcap,
+        "chunk_size": chunk_size,
+    }
+
+
+@torch.library.custom_op("gradcore::linear_cross_entropy", mutates_args=())
+def _lxent_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss and, for "mean"/"sum", the kernel's dx, dW, db (empty placeholders for
+    "none", whose backward recomputes: its gradient is not a scaling of the sum's)."""
+    kw = _lxent_keywords(
+        target.is_floating_point(),
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        chunk_size,
+    )
+    keep = reduction != "none"
+    loss, dx, dw, db = _lxent_forward(input, linear_weight, target, bias, weight, kw, keep)
+    empty = input.new_empty(0)
+    return (
+        loss,
+        empty.clone() if dx is None else dx,
+        empty.clone() if dw is None else dw,
+        empty.clone() if db is None else db,
+    )
+
+
+@_lxent_op.register_fake
+def _(input, linear_weight, target, bias, weight, ignore_index, reduction, *_options):
+    if reduction == "none":
+        empty = input.new_empty(0)
+        return input.new_empty(input.shape[:-1]), empty, empty.clone(), empty.clone()
+    db = input.new_empty(0) if bias is None else torch.empty_like(bias)
+    return input.new_empty([]), torch.empty_like(input), torch.empty_like(linear_weight), db
+
+
+@torch.library.custom_op("gradcore::linear_cross_entropy_rows_backward", mutates_args=())
+def _lxent_rows_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    weight: Tensor | None,
+    d_loss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The exact VJP of ``reduction="none"`` for per-row cotangents ``d_loss``.
+
+    Recomputes each chunk's logits, takes the cross-entropy gradient :math:`\delta_i`
+    of every row, scales row :math:`i` by :math:`g_i` and only then contracts:
+    :math:`\bar x_i = g_i\delta_i W`, :math:`\bar W = \sum_i g_i\,\delta_i^\top x_i`,
+    :math:`\bar b = \sum_i g_i\delta_i`. (The sum's :math:`\bar W` cannot be rescaled
+    afterwards unless all :math:`g_i` are equal.)
+    """
+    from .linear_xent import default_chunk_rows
+
+    n_in = input.shape[-1]
+    n_classes = linear_weight.shape[0]
+    soft = target.is_floating_point()
+    x2 = input.detach().reshape(-1, n_in)
+    n_rows = x2.shape[0]
+    t2 = target.detach().reshape(n_rows, n_classes) if soft else target.detach().reshape(n_rows)
+    g2 = d_loss.detach().reshape(n_rows).to(input.dtype)
+    w = linear_weight.detach()
+    acc = torch.promote_types(input.dtype, torch.float32)
+    w_acc = w.to(acc)
+    dx = torch.empty(x2.shape, dtype=acc, device=input.device)
+    dw = torch.zeros(w.shape, dtype=acc, device=input.device)
+    db = torch.zeros(n_classes, dtype=acc, device=input.device)
+    rows = chunk_size if chunk_size is not None else default_chunk_rows(n_rows, n_in, n_classes)
+    kw = _xent_keywords(x2, soft, ignore_index, "none", label_smoothing, z_loss, softcap)
+    for start in range(0, n_rows, rows):
+        xc = x2[start : start + rows]
+        z = xc @ w.t()
+        if bias is not None:
+            z = z + bias.detach()
+        _, delta = _run(
+            _losses.softmax_cross_entropy, z, (t2[start : start + rows], weight), kw, _XENT_NAMES
+        )
+        delta = (delta * g2[start : start + rows, None]).to(acc)
+        dx[start : start + rows] = delta @ w_acc
+        dw += delta.t() @ xc.to(acc)
+        db += delta.sum(0)
+    db_out = input.new_empty(0) if bias is None else db.to(bias.dtype)
+    return dx.to(input.dtype).reshape(input.shape), dw.to(w.dtype), db_out
+
+
+@_lxent_rows_op.register_fake
+def _(input, linear_weight, target, bias, weight, d_loss, *_options):
+    db = input.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(input), torch.empty_like(linear_weight), db
+
+
+def _setup_lxent(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    ctx.set_materialize_grads(False)  # as in _setup_xent
+    ctx.mark_non_differentiable(*output[1:])
+    (input, linear_weight, target, bias, weight, ignore_index, reduction, *options) = inputs
+    ctx.reduction = reduction
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.options = (ignore_index, *options)
+        ctx.save_for_backward(input, linear_weight, target, bias, weight)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward_lxent(ctx: Any, d_loss: Tensor | None, *_d_grads: Any) -> tuple[Any, ...]:
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+        raise NotImplementedError(
+            "gradcore.torch.linear_cross_entropy: gradients with respect to target and "
+            "weight are not computed; detach them"
+        )
+    nones = (None,) * 7
+    if d_loss is None:
+        return (None, None, None, None, None, *nones)
+    if ctx.reduction == "none":
+        input, linear_weight, target, bias, weight = ctx.saved_tensors
+        dx, dw, db = _lxent_rows_op(
+            input, linear_weight, target, bias, weight, d_loss, *ctx.options
+        )
+    else:
+        dx, dw, db = (_scale(t, d_loss, None) for t in ctx.saved_tensors)
+    grads = (dx, dw, db if ctx.has_bias else None)
+    want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+    dx, dw, db = (g if w else None for g, w in zip(grads, want, strict=True))
+    return (dx, dw, None, db, None, *nones)
+
+
+_backward_lxent_once = torch.autograd.function.once_differentiable(_backward_lxent)
+_lxent_op.register_autograd(_backward_lxent_once, setup_context=_setup_lxent)
+_LxentTwin = _functorch_twin(_lxent_op, _setup_lxent, _backward_lxent_once)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Fused linear + cross-entropy: :func:`torch.nn.functional.linear_cross_entropy`.
+
+    Same arguments and semantics as PyTorch's (``cross_entropy(linear(input,
+    linear_weight, linear_bias), target, ...)``, with ``ignore_index=None`` meaning
+    -100), computed by :func:`gradcore.linear_cross_entropy` in row chunks, so the
+    ``N x C`` logits never exist. Differentiable with respect to ``input``,
+    ``linear_weight`` and ``linear_bias``.
+
+    Parameters
+    ----------
+    input : Tensor, shape (H,) or (N, H)
+    linear_weight : Tensor, shape (C, H)
+        PyTorch's :class:`torch.nn.Linear` layout (the kernel gets the view ``.T``).
+        Multi-dimensional weights (PyTorch's ``(C, d1, ..., H)``) are not supported.
+    target : Tensor
+        Class indices, shape () or (N,), or class probabilities, shape (C,) or (N, C).
+    linear_bias : Tensor, shape (C,), optional
+    weight, reduction, ignore_index, label_smoothing
+        As in :func:`torch.nn.functional.linear_cross_entropy`.
+    options : torch.nn.LinearCrossEntropyOptions, optional
+        Only its ``batch_chunk_size`` is read (as ``chunk_size`` when that is None);
+        gradcore always works in chunks.
+    z_loss, softcap
+        As in :func:`cross_entropy`.
+    chunk_size : int, optional
+        Rows per chunk; default :func:`gradcore.linear_xent.default_chunk_rows`.
+
+    Returns
+    -------
+    Tensor
+        0-d for ``"mean"``/``"sum"``, else the per-row losses (shape of ``target``
+        for class indices).
+
+    Notes
+    -----
+    With :math:`Z = XW^\top + b` and :math:`\delta_i = \partial\ell_i/\partial z_i`, the
+    forward returns :math:`\bar X = \Delta W`, :math:`\bar W = \Delta^\top X`,
+    :math:`\bar b = \Delta^\top\mathbf 1` with the loss; for ``"mean"``/``"sum"`` the
+    backward multiplies them by the scalar incoming gradient. For ``"none"`` with
+    incoming :math:`g_i` per row, :math:`\bar W = \sum_i g_i\,\delta_i^\top x_i` is not
+    a multiple of the sum's, so the backward recomputes the logits chunk by chunk (a
+    second pass of the forward's cost) and contracts the row-scaled :math:`\delta`.
+    """
+    reduction = _check_reduction(reduction, None, None)
+    for t, name in ((input, "input"), (linear_weight, "linear_weight"), (target, "target")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch Tensor, got {type(t).__name__}")
+    if linear_weight.ndim != 2:
+        raise ValueError(
+            "linear_weight must have shape (C, in_features); multi-dimensional weights "
+            f"are not supported by gradcore, got shape {tuple(linear_weight.shape)}"
+        )
+    if input.ndim not in (1, 2) or input.shape[-1] != linear_weight.shape[1]:
+        raise ValueError(
+            f"input must have shape (in_features,) or (N, in_features) with in_features = "
+            f"{linear_weight.shape[1]}, got {tuple(input.shape)}"
+        )
+    if input.dtype != linear_weight.dtype or (
+        linear_bias is not None and linear_bias.dtype != input.dtype
+    ):
+        raise TypeError(
+            "input, linear_weight and linear_bias must have the same dtype, got "
+            f"{input.dtype}, {linear_weight.dtype}"
+            + ("" if linear_bias is None else f", {linear_bias.dtype}")
+        )
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    if target.is_floating_point():
+        _refuse_grad(target, "target", "linear_cross_entropy")
+    _refuse_grad(weight, "weight", "linear_cross_entropy")
+    args = (
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        -100 if ignore_index is None else int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        None if chunk_size is None else int(chunk_size),
+    )
+    if not _transforms_active():
+        return _lxent_op(*args)[0]
+    if _differentiating_levels() > 1:
+        raise NotImplementedError(
+            "gradcore::linear_cross_entropy: gradcore.torch losses are first-order only; "
+            "nested torch.func.grad/jvp transforms are not supported"
+        )
+    return _LxentTwin.apply(*args)[0]
 
 
 # --- in place: an autograd.Function that marks the input as modified ---------------------
@@ -944,3 +1261,71 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
             pos_weight=self.pos_weight,
             inplace=self.inplace,
         )
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    r"""A :class:`torch.nn.LinearCrossEntropyLoss` computed by :func:`linear_cross_entropy`.
+
+    Same constructor arguments, parameters (``self.linear``) and state dict as PyTorch's,
+    plus the keyword-only ``z_loss``, ``softcap`` and ``chunk_size``. Multi-dimensional
+    ``out_features`` are refused.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options: Any = None,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if tuple(out_features) != ():
+            raise ValueError(
+                "out_features must be () (gradcore has no K-dimensional heads), "
+                f"got {out_features!r}"
+            )
+        super().__init__(
+            in_features,
+            num_classes,
+            out_features=out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"

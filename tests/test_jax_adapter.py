@@ -223,3 +223,129 @@ def test_second_derivatives_match_autodiff():
 
     gg = jax.grad(lambda a: jnp.sum(jax.grad(bce)(a) ** 2))(x2)
     _close(gg, jax.grad(lambda a: jnp.sum(jax.grad(bce_ref)(a) ** 2))(x2), "float64")
+
+
+# --- softcap and linear + cross-entropy -------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["ignored", "soft"])
+def test_softmax_cross_entropy_softcap_matches_autodiff_through_tanh(reduction, target_kind):
+    x, y, w = _case("float64", target_kind, seed=6)
+    x = 3.0 * x
+    cap = 2.5
+    kw = {"weight": w, "label_smoothing": 0.1, "reduction": reduction, "z_loss": 0.01}
+    ignore = 2 if target_kind == "ignored" else -100
+
+    def ours(a):
+        return _upstream(gj.softmax_cross_entropy(a, y, axis=1, ignore_index=ignore,
+                                                  softcap=cap, **kw), 3)  # fmt: skip
+
+    def ref(a):
+        u = cap * jnp.tanh(a / cap)
+        return _upstream(_reference_xent(u, y, 1, w, ignore, 0.1, reduction, 0.01), 3)
+
+    v, g = jax.value_and_grad(ours)(x)
+    rv, rg = jax.value_and_grad(ref)(x)
+    _close(v, rv, "float64")
+    _close(g, rg, "float64")
+
+
+def _lxent_case(dtype, target_kind, seed=0, n=9, h=4, v=6):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h)) * 2, dtype)
+    w = jnp.asarray(rng.standard_normal((h, v)), dtype)  # (H, V): x @ w
+    b = jnp.asarray(rng.standard_normal(v), dtype)
+    if target_kind == "soft":
+        y = jax.nn.softmax(jnp.asarray(rng.standard_normal((n, v)), dtype), axis=-1)
+    else:
+        y = rng.integers(0, v, n)
+        if target_kind == "ignored":
+            y[::3] = 2
+        elif target_kind == "all_ignored":
+            y[:] = 2
+        y = jnp.asarray(y)
+    cw = jnp.asarray(rng.random(v) + 0.5, dtype)
+    return x, w, b, y, cw
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("affine", ["plain", "bias_and_class_weights"])
+@pytest.mark.parametrize("target_kind", ["hard", "ignored", "all_ignored", "soft"])
+@pytest.mark.parametrize("extras", ["none", "smoothing_z_loss_softcap"])
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_linear_cross_entropy_grad_matches_autodiff(
+    dtype, reduction, affine, target_kind, extras, chunk_size
+):
+    x, w, b, y, cw = _lxent_case(dtype, target_kind, seed=9)
+    if affine == "plain":
+        b = cw = None
+    ignore = 2 if "ignored" in target_kind else -100
+    eps, z, cap = (0.2, 0.01, 2.5) if extras != "none" else (0.0, 0.0, None)
+    kw = {"weight": cw, "ignore_index": ignore, "label_smoothing": eps, "reduction": reduction}
+
+    def ours(xx, ww, bb):
+        loss = gj.linear_cross_entropy(xx, ww, y, bias=bb, z_loss=z, softcap=cap,
+                                       chunk_size=chunk_size, **kw)  # fmt: skip
+        return _upstream(loss, 4)
+
+    def ref(xx, ww, bb):  # autodiff through the materialised logits and a log-softmax
+        logits = xx @ ww if bb is None else xx @ ww + bb
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        return _upstream(_reference_xent(logits, y, -1, cw, ignore, eps, reduction, z), 4)
+
+    argnums = (0, 1) if b is None else (0, 1, 2)
+    v, g = jax.value_and_grad(ours, argnums)(x, w, b)
+    rv, rg = jax.value_and_grad(ref, argnums)(x, w, b)
+    if target_kind == "all_ignored" and reduction == "mean":
+        assert bool(jnp.isnan(v))
+        assert bool(jnp.isnan(rv))
+        assert all(bool(jnp.all(a == 0)) for a in g), "all-ignored: zero gradients"
+    else:
+        _close(v, rv, dtype)
+        for a, e in zip(g, rg, strict=True):
+            _close(a, e, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_under_jit(reduction):
+    x, w, b, y, cw = _lxent_case("float64", "ignored", seed=12)
+
+    def loss(xx, ww, bb, mod):
+        if mod == "ours":
+            out = gj.linear_cross_entropy(xx, ww, y, bias=bb, weight=cw, ignore_index=2,
+                                          reduction=reduction, chunk_size=4)  # fmt: skip
+        else:
+            out = _reference_xent(xx @ ww + bb, y, -1, cw, 2, 0.0, reduction, 0.0)
+        return _upstream(out, 8)
+
+    ours = jax.jit(jax.grad(lambda *a: loss(*a, "ours"), (0, 1, 2)))(x, w, b)
+    ref = jax.grad(lambda *a: loss(*a, "ref"), (0, 1, 2))(x, w, b)
+    for a, e in zip(ours, ref, strict=True):
+        _close(a, e, "float64")
+
+
+def test_linear_cross_entropy_labels_and_weights_are_constants():
+    x, w, _b, y, cw = _lxent_case("float64", "soft", seed=1)
+    g = jax.grad(lambda t, c: gj.linear_cross_entropy(x, w, t, weight=c), (0, 1))(y, cw)
+    assert all(bool(jnp.all(a == 0)) for a in g)
+    with pytest.raises(ValueError, match="reduction"):
+        gj.linear_cross_entropy(x, w, y, reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_vmap_of_grad_matches_per_example_autodiff(reduction):
+    rng = np.random.default_rng(14)
+    xs = jnp.asarray(rng.standard_normal((3, 5, 4)))
+    w = jnp.asarray(rng.standard_normal((4, 6)))
+    ys = jnp.asarray(rng.integers(0, 6, (3, 5)))
+
+    def ours(x, y):
+        return _upstream(gj.linear_cross_entropy(x, w, y, reduction=reduction, chunk_size=2), 2)
+
+    def ref(x, y):
+        return _upstream(_reference_xent(x @ w, y, -1, None, -100, 0.0, reduction, 0.0), 2)
+
+    _close(jax.vmap(jax.grad(ours))(xs, ys), jax.vmap(jax.grad(ref))(xs, ys), "float64")

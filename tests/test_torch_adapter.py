@@ -146,17 +146,25 @@ def test_cross_entropy_z_loss(dtype, reduction, weighted, target_kind):
     _close(grad, ref_grad, dtype, "grad")
 
 
-def test_cross_entropy_softcap_follows_the_kernel():
-    x, y, _ = _xent_case("2d", "hard", torch.float64)
-    if not gt._kernel_has("softcap"):
-        with pytest.raises(NotImplementedError, match="softcap"):
-            gt.cross_entropy(x, y, softcap=30.0)
-        return
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["hard", "ignored", "soft"])
+def test_cross_entropy_softcap_matches_autograd_through_tanh(dtype, reduction, target_kind):
+    x, y, w = _xent_case("2d", target_kind, dtype, seed=5)
+    x = x * 4.0  # logits large enough for the cap to bend them
     cap = 3.0
-    loss, grad = _grad_of(lambda t: gt.cross_entropy(t, y, softcap=cap), x, 4)
-    ref_loss, ref_grad = _grad_of(lambda t: F.cross_entropy(cap * torch.tanh(t / cap), y), x, 4)
-    _close(loss, ref_loss, torch.float64, "loss")
-    _close(grad, ref_grad, torch.float64, "grad")
+    ignore = 2 if target_kind == "ignored" else -100
+    options = {"ignore_index": ignore, "reduction": reduction, "label_smoothing": 0.1}
+    loss, grad = _grad_of(
+        lambda t: gt.cross_entropy(t, y, w, softcap=cap, z_loss=0.01, **options), x, 4
+    )
+
+    def reference(t):  # PyTorch autograd through the cap c tanh(t / c)
+        return _z_reference(cap * torch.tanh(t / cap), y, w, ignore, reduction, 0.1, 0.01)
+
+    ref_loss, ref_grad = _grad_of(reference, x, 4)
+    _close(loss, ref_loss, dtype, "loss")
+    _close(grad, ref_grad, dtype, "grad")
 
 
 def test_cross_entropy_legacy_size_average_and_positional_arguments():
@@ -674,3 +682,221 @@ def test_every_loss_and_reduction_under_torch_compile_fullgraph():
     ref_loss, ref_grad = _grad_of(lambda a: total(F, a), x, 20)
     _close(loss, ref_loss, torch.float64, "loss")
     _close(grad, ref_grad, torch.float64, "grad")
+
+
+# --- linear + cross-entropy ----------------------------------------------------------------
+
+
+def _lxent_case(target_kind, dtype, seed=0, n=9, h=4, v=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g, dtype=dtype)
+    W = torch.randn(v, h, generator=g, dtype=dtype)  # PyTorch's (C, in_features) layout
+    b = torch.randn(v, generator=g, dtype=dtype)
+    if target_kind == "soft":
+        y = torch.softmax(torch.randn(n, v, generator=g, dtype=dtype), dim=1)
+    else:
+        y = torch.randint(0, v, (n,), generator=g)
+        if target_kind == "ignored":
+            y[::3] = 2
+        elif target_kind == "all_ignored":
+            y[:] = 2
+    w = torch.rand(v, generator=g, dtype=dtype) + 0.5
+    return x, W, b, y, w
+
+
+def _lxent_grads(fn, x, W, b, seed):
+    """loss, and the gradients of a non-trivial function of it for x, W and b."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W, b) if t is not None]
+    loss = fn(*leaves, *([None] if b is None else []))
+    _upstream(loss, torch.Generator().manual_seed(seed)).backward()
+    return [loss.detach(), *(t.grad for t in leaves)]
+
+
+def _close_nan(actual, expected, dtype, what):
+    tol = TOL[dtype]
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("affine", ["plain", "bias_and_class_weights"])
+@pytest.mark.parametrize("target_kind", ["hard", "ignored", "all_ignored", "soft"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("extras", ["none", "z_loss_and_softcap"])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_linear_cross_entropy_matches_torch_autograd(
+    dtype, reduction, affine, target_kind, smoothing, extras, chunk_size
+):
+    x, W, b, y, w = _lxent_case(target_kind, dtype, seed=7)
+    x = x * 2.0  # logits large enough for the cap to bend them
+    if affine == "plain":
+        b = w = None
+    ignore = 2 if "ignored" in target_kind else -100
+    z, cap = (0.01, 2.5) if extras == "z_loss_and_softcap" else (0.0, None)
+    options = {"weight": w, "reduction": reduction, "label_smoothing": smoothing}
+
+    def ours(xx, WW, bb):
+        return gt.linear_cross_entropy(
+            xx, WW, y, linear_bias=bb, ignore_index=ignore, z_loss=z, softcap=cap,
+            chunk_size=chunk_size, **options,
+        )  # fmt: skip
+
+    def reference(xx, WW, bb):  # float64/float32 autograd through the materialised logits
+        logits = F.linear(xx, WW, bb)
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return _z_reference(logits, y, w, ignore, reduction, smoothing, z)
+
+    got = _lxent_grads(ours, x, W, b, 31)
+    want = _lxent_grads(reference, x, W, b, 31)
+    for a, e, what in zip(got, want, ("loss", "dx", "dW", "db"), strict=False):
+        _close_nan(a, e, dtype, what)
+    if target_kind == "all_ignored":
+        assert all(bool((g == 0).all()) for g in got[1:]), "all-ignored: zero gradients"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["ignored", "soft"])
+def test_linear_cross_entropy_matches_torch_functional(reduction, target_kind):
+    # The same call as torch.nn.functional.linear_cross_entropy (its names, its
+    # ignore_index=None default, its options object), float32 to 1e-5.
+    x, W, b, y, w = _lxent_case(target_kind, torch.float32, seed=3, n=33, h=8, v=11)
+    kw = {"linear_bias": b, "weight": w, "reduction": reduction, "label_smoothing": 0.1}
+    if target_kind == "ignored":
+        kw["ignore_index"] = 2
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=5)
+    got = _lxent_grads(lambda a, c, d: gt.linear_cross_entropy(a, c, y, options=opts, **kw), x, W,
+                       None, 5)  # fmt: skip
+    want = _lxent_grads(lambda a, c, d: F.linear_cross_entropy(a, c, y, **kw), x, W, None, 5)
+    for a, e, what in zip(got, want, ("loss", "dx", "dW"), strict=True):
+        _close(a, e, torch.float32, what)
+
+
+def test_linear_cross_entropy_none_with_unequal_row_gradients_is_not_a_scaled_sum():
+    # dW of sum_i g_i loss_i is sum_i g_i x_i^T delta_i: rescaling the sum's dW by any
+    # one factor is wrong. Checked on rows whose g_i differ by orders of magnitude.
+    x, W, b, y, _ = _lxent_case("hard", torch.float64, seed=11, n=6)
+    r = torch.tensor([1e-3, 1.0, 10.0, 0.0, -2.0, 5.0], dtype=torch.float64)
+    grads = []
+    for f in (gt.linear_cross_entropy, F.linear_cross_entropy):
+        xx, WW, bb = (t.clone().requires_grad_(True) for t in (x, W, b))
+        (f(xx, WW, y, linear_bias=bb, reduction="none") * r).sum().backward()
+        grads.append((xx.grad, WW.grad, bb.grad))
+    for a, e in zip(*grads, strict=True):
+        _close(a, e, torch.float64, "grad")
+
+
+def test_linear_cross_entropy_unbatched_input_and_partial_requires_grad():
+    x, W, b, y, _ = _lxent_case("hard", torch.float64, seed=2, n=1)
+    x1, y1 = x[0], y[0]
+    for reduction in ("mean", "none"):
+        WW = W.clone().requires_grad_(True)
+        loss = gt.linear_cross_entropy(x1, WW, y1, linear_bias=b, reduction=reduction)
+        (3 * loss).backward()
+        WR = W.clone().requires_grad_(True)
+        ref = F.cross_entropy(F.linear(x1, WR, b), y1, reduction=reduction)
+        (3 * ref).backward()
+        _close(loss.detach(), ref.detach(), torch.float64, "loss")
+        _close(WW.grad, WR.grad, torch.float64, "dW")
+
+
+def test_linear_cross_entropy_takes_the_numpy_fast_path_on_cpu(monkeypatch):
+    calls = _count_numpy_fast_path(monkeypatch, "linear_cross_entropy")
+    x, W, _, y, _ = _lxent_case("hard", torch.float32, n=16)
+    x.requires_grad_(True)
+    gt.linear_cross_entropy(x, W, y).backward()
+    assert len(calls) == 1
+    (xn, wn, _), _kwargs = calls[0]
+    assert type(xn) is np.ndarray
+    assert xn.__array_interface__["data"][0] == x.data_ptr()
+    # The (C, H) weight reaches the (H, C) kernel as a transposed view, not a copy.
+    assert wn.shape == (4, 6)
+    assert wn.__array_interface__["data"][0] == W.data_ptr()
+
+
+def test_linear_cross_entropy_errors_and_refusals():
+    x, W, _b, y, w = _lxent_case("soft", torch.float64)
+    with pytest.raises(NotImplementedError, match="target"):
+        gt.linear_cross_entropy(x, W, y.clone().requires_grad_(True))
+    with pytest.raises(NotImplementedError, match="weight"):
+        gt.linear_cross_entropy(x, W, y, weight=w.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="linear_weight"):
+        gt.linear_cross_entropy(x, W.reshape(6, 2, 2), y)
+    with pytest.raises(ValueError, match="input"):
+        gt.linear_cross_entropy(x[:, :3], W, y)
+    with pytest.raises(TypeError, match="dtype"):
+        gt.linear_cross_entropy(x.float(), W, y)
+    with pytest.raises(ValueError, match="reduction"):
+        gt.linear_cross_entropy(x, W, y, reduction="avg")
+
+
+def test_linear_cross_entropy_module_is_the_torch_module():
+    torch.manual_seed(0)
+    ours = gt.LinearCrossEntropyLoss(4, 6, bias=True, dtype=torch.float64, label_smoothing=0.1)
+    ref = torch.nn.LinearCrossEntropyLoss(4, 6, bias=True, dtype=torch.float64,
+                                          label_smoothing=0.1)  # fmt: skip
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(ours.state_dict())
+    x, _, _, y, _ = _lxent_case("ignored", torch.float64)
+    a, e = ours(x, y), ref(x, y)
+    _close(a, e, torch.float64, "loss")
+    a.backward()
+    e.backward()
+    _close(ours.linear.weight.grad, ref.linear.weight.grad, torch.float64, "dW")
+    _close(ours.linear.bias.grad, ref.linear.bias.grad, torch.float64, "db")
+    assert "chunk_size" in repr(gt.LinearCrossEntropyLoss(4, 6, chunk_size=2))
+    with pytest.raises(ValueError, match="out_features"):
+        gt.LinearCrossEntropyLoss(4, 6, out_features=(2,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_under_torch_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+    x, W, b, y, w = _lxent_case("ignored", torch.float64, seed=23)
+    r = torch.rand(9, dtype=torch.float64) + 0.5
+
+    def total(mod, a, c, d):
+        loss = mod.linear_cross_entropy(a, c, y, linear_bias=d, weight=w, ignore_index=2,
+                                        reduction=reduction)  # fmt: skip
+        return (loss * r).sum() if reduction == "none" else 3.0 * loss
+
+    compiled = torch.compile(lambda a, c, d: total(gt, a, c, d), fullgraph=True)
+    got = _lxent_grads(compiled, x, W, b, 1)
+    want = _lxent_grads(lambda a, c, d: total(F, a, c, d), x, W, b, 1)
+    for a, e in zip(got, want, strict=True):
+        _close(a, e, torch.float64, "compiled")
+
+
+def test_linear_cross_entropy_under_torch_func_grad():
+    x, W, b, y, _ = _lxent_case("hard", torch.float64, seed=4)
+    r = torch.rand(9, dtype=torch.float64) + 0.5
+
+    def f(mod, c):
+        return (mod.linear_cross_entropy(x, c, y, linear_bias=b, reduction="none") * r).sum()
+
+    _close(torch.func.grad(lambda c: f(gt, c))(W), torch.func.grad(lambda c: f(F, c))(W),
+           torch.float64, "torch.func.grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_half_precision_on_cpu(dtype, reduction):
+    # No NumPy dtype: the generic kernel in PyTorch ops, gradients accumulated in float32
+    # and returned in the input's dtype; checked against float32 autograd.
+    x, W, b, y, _ = _lxent_case("ignored", torch.float32, seed=8, n=20, h=8, v=13)
+    options = {"ignore_index": 2, "reduction": reduction}
+    half = [t.to(dtype) for t in (x, W, b)]
+    got = _lxent_grads(
+        lambda a, c, d: gt.linear_cross_entropy(a, c, y, linear_bias=d, **options), *half, 6
+    )
+    want = _lxent_grads(
+        lambda a, c, d: F.cross_entropy(F.linear(a, c, d), y, **options),
+        *(t.float() for t in half),
+        6,
+    )
+    for a, e, what in zip(got, want, ("loss", "dx", "dW", "db"), strict=True):
+        assert a.dtype == dtype, what
+        torch.testing.assert_close(a.float(), e, rtol=2e-2, atol=2e-2 * float(e.abs().max()))
