@@ -1510,6 +1510,13 @@ def linear_cross_entropy(
         scale = 1.0 / divisor if divisor != 0.0 else 1.0
     else:
         divisor, scale = 1.0, 1.0
+    # A zero divisor is 0/0 for every row not ignored (the generic body and PyTorch):
+    # their gradient rows are NaN, never a silent zero.
+    nan_rows = None
+    if args.reduction == "mean" and divisor == 0.0 and not args.soft:
+        nan_rows = lab != args.ignore_index
+        if not nan_rows.any():
+            nan_rows = None
 
     xent = {
         "weight": weight,
@@ -1538,6 +1545,8 @@ def linear_cross_entropy(
             if bias is not None:
                 z += bias
             loss_c, g = _xent_chunk(z, Y[r0:r1], xent)
+            if nan_rows is not None:
+                g[nan_rows[r0:r1]] = np.nan
             if row_loss is not None:
                 row_loss[r0:r1] = loss_c
             else:

@@ -278,7 +278,9 @@ def linear_cross_entropy(
     :math:`\sum_i w_{y_i}` over non-ignored rows (:math:`N` for soft targets), which
     the labels alone determine: each chunk's :math:`G_k` is computed, used for its rows
     of :math:`\bar X` and its terms of :math:`\bar W`, :math:`\bar b`, and dropped.
-    An all-ignored batch gives a NaN mean and zero gradients, as in PyTorch.
+    An all-ignored batch gives a NaN mean and zero gradients, as in PyTorch; a zero
+    divisor with rows not ignored (their class weights all 0) gives NaN gradients for
+    those rows, as :func:`softmax_cross_entropy` does.
     """
     xp = get_namespace(x, W, labels, bias, weight, xp=xp)
     args = _validate_lxent(
@@ -305,12 +307,16 @@ def linear_cross_entropy(
     lab2 = xp.reshape(labels, (N, V) if args.soft else (N,))
     Ww = astype(xp, W, work)
     bw = None if bias is None else astype(xp, bias, work)
-    inv = safe = empty = None
+    inv = safe = empty = nan_rows = None
     if args.reduction == "mean":
         divisor = _mean_divisor(xp, lab2, weight, args, work)
         empty = divisor == 0
         safe = xp.where(empty, xp.ones_like(divisor), divisor)
         inv = 1.0 / safe
+        if not args.soft:
+            # A zero divisor is 0/0 for every row not ignored (as in
+            # softmax_cross_entropy and PyTorch): NaN rows, never a silent zero.
+            nan_rows = empty & ~_label_masks(xp, lab2, V, args.ignore_index)[1]
     xent_options = {
         "weight": weight,
         "ignore_index": args.ignore_index,
@@ -334,6 +340,9 @@ def linear_cross_entropy(
         loss_c, g = softmax_cross_entropy(z, lab2[start:stop, ...], xp=xp, **xent_options)
         if inv is not None:
             g = g * inv
+        if nan_rows is not None:
+            nan = xp.asarray(float("nan"), dtype=g.dtype, device=dev)
+            g = xp.where(nan_rows[start:stop, None], nan, g)
         if need_dx:
             dx_parts.append(xp.matmul(g, xp.matrix_transpose(Ww)))
         dW = dW + xp.matmul(xp.matrix_transpose(xc), g)

@@ -1,0 +1,51 @@
+"""Regressions of silent wrong numbers in the fused head, softcap and blocked losses.
+
+Every reference is PyTorch autograd in float64 on the materialised logits (code that
+shares nothing with gradcore), on both the fast paths and the generic bodies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcore
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _torch_lxent(x, W, labels, *, weight=None, reduction="mean", softcap=None):
+    """Loss, dx, dW of ``cross_entropy(x @ W)`` by PyTorch autograd in float64."""
+    xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
+    Wt = torch.tensor(np.asarray(W, dtype=np.float64), requires_grad=True)
+    z = xt @ Wt
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    w = None if weight is None else torch.tensor(weight, dtype=torch.float64)
+    loss = F.cross_entropy(z, torch.tensor(labels), weight=w, reduction=reduction)
+    loss.backward()
+    return loss.detach().numpy(), xt.grad.numpy(), Wt.grad.numpy()
+
+
+def _assert_matches(got, want, rtol=1e-10, atol=1e-12):
+    for g, w in zip(got, want, strict=False):
+        np.testing.assert_allclose(np.asarray(g, dtype=np.float64), w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+def test_linear_xent_mean_with_zero_class_weights_has_nan_gradients(fast, chunk_size):
+    # Every non-ignored row's class weight is 0: the mean is 0/0. PyTorch, and
+    # softmax_cross_entropy followed by linear_vjp (which this must equal), give NaN
+    # gradients; a zero gradient would let training go on silently.
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((7, 4)), rng.standard_normal((4, 5))
+    labels = np.array([0, 1, 0, 1, -100, 0, 1])
+    weight = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
+    want = _torch_lxent(x, W, labels, weight=weight)
+    assert np.isnan(want[1][0]).all() and (want[1][4] == 0).all()
+    with gradcore.use_fast_paths(fast):
+        got = gradcore.linear_cross_entropy(x, W, labels, weight=weight, chunk_size=chunk_size)
+    _assert_matches(got[:3], want)
+
