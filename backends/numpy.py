@@ -84,7 +84,13 @@ from gradcore._checks import check_same_shape
 from gradcore._dispatch import check_thread_setting, get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
 from gradcore.linear_xent import _validate_lxent
-from gradcore.losses import _check_softcap, _validate_bce, _validate_mse, _validate_xent
+from gradcore.losses import (
+    _check_softcap,
+    _check_softcap_dtype,
+    _validate_bce,
+    _validate_mse,
+    _validate_xent,
+)
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -1393,6 +1399,7 @@ def _xent_softcap(
     cap = _check_softcap(softcap)
     assert cap is not None
     dtype = logits.dtype
+    _check_softcap_dtype(np_compat, cap, dtype)
     with np.errstate(all="ignore"):
         deriv = np.divide(logits, dtype.type(cap))  # every read of logits happens here
         np.tanh(deriv, out=deriv)

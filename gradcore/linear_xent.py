@@ -29,6 +29,7 @@ from .linear import _check_x_w
 from .losses import (
     _check_labels_in_range,
     _check_softcap,
+    _check_softcap_dtype,
     _default_check_labels,
     _label_masks,
     _validate_xent,
@@ -162,6 +163,8 @@ def _validate_lxent(
         do_check = _default_check_labels(xp, x) if check_labels is None else check_labels
         if do_check:
             _check_labels_in_range(xp, labels, n_classes, args.ignore_index)
+    work_dtype = compute_dtype(xp, dtype)
+    _check_softcap_dtype(xp, cap, work_dtype)
     return LxentArgs(
         n_rows,
         n_in,
@@ -174,7 +177,7 @@ def _validate_lxent(
         cap,
         rows,
         dtype,
-        compute_dtype(xp, dtype),
+        work_dtype,
     )
 
 
@@ -235,7 +238,8 @@ def linear_cross_entropy(
         As in :func:`softmax_cross_entropy` (``reduction="none"`` returns the per-row
         losses and the gradients of their sum).
     softcap : float > 0, optional
-        Soft-cap the logits to :math:`c\tanh(z/c)` before the loss (Gemma 2).
+        Soft-cap the logits to :math:`c\tanh(z/c)` before the loss (Gemma 2); it must
+        be a normal, finite number of the dtype the logits are computed in.
     chunk_size : int >= 1, optional
         Rows per chunk. The default, :func:`default_chunk_rows`, makes a chunk's
         logits about as large as ``x`` (:math:`\lceil NH/V\rceil` rows), with at least

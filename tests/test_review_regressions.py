@@ -71,3 +71,26 @@ def test_dask_mean_with_zero_class_weights_has_nan_gradients():
         )
         assert np.isnan(loss.compute())
         np.testing.assert_array_equal(grad.compute(), zt.grad.numpy())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "cap"), [(np.float32, 1e39), (np.float32, 1e-46), (np.float64, 1e-320)]
+)
+def test_softcap_the_dtype_cannot_hold_is_refused_not_nan(fast, dtype, cap):
+    # A cap that rounds to inf (or to 0) in the logits' dtype made every loss and
+    # gradient NaN (x / inf * inf), although PyTorch in float64 gives finite values.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 3)).astype(dtype)
+    W = rng.standard_normal((3, 5)).astype(dtype)
+    labels = rng.integers(0, 5, 6)
+    with gradcore.use_fast_paths(fast):
+        with pytest.raises(ValueError, match="softcap"):
+            gradcore.softmax_cross_entropy(x @ W, labels, softcap=cap)
+        with pytest.raises(ValueError, match="softcap"):
+            gradcore.linear_cross_entropy(x, W, labels, softcap=cap)
+        # Caps the dtype holds still match PyTorch.
+        for ok in (1e30 if dtype == np.float32 else 1e300, 1e-30):
+            got = gradcore.linear_cross_entropy(x, W, labels, softcap=ok)
+            want = _torch_lxent(x, W, labels, softcap=ok)
+            _assert_matches(got[:3], want, rtol=2e-5, atol=1e-6)
