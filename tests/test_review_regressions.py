@@ -94,3 +94,30 @@ def test_softcap_the_dtype_cannot_hold_is_refused_not_nan(fast, dtype, cap):
             got = gradcore.linear_cross_entropy(x, W, labels, softcap=ok)
             want = _torch_lxent(x, W, labels, softcap=ok)
             _assert_matches(got[:3], want, rtol=2e-5, atol=1e-6)
+
+
+def test_float16_head_caps_its_logits_in_float32_like_its_loss():
+    # A float16 head with softcap past float16's range (1e5 rounds to inf there) gave
+    # NaN logits from forward/predict (inf * tanh(z / inf) = inf * 0), while its fused
+    # training loss, computed in float32, was finite: evaluation silently NaN.
+    from gradcore import nn
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((6, 4))
+    for cap in (1e5, 3.0):
+        head = nn.LinearCrossEntropy(4, 3, seed=1, dtype="float16", softcap=cap)
+        W = np.asarray(head.state_dict()["W"], dtype=np.float64)
+        b = np.asarray(head.state_dict()["b"], dtype=np.float64)
+        Xq = X.astype(np.float16).astype(np.float64)
+        z = Xq @ W + b
+        want = cap * np.tanh(z / cap)
+        np.testing.assert_allclose(head.predict(X).astype(np.float64), want, rtol=2e-3, atol=2e-3)
+        out = head.forward(X)
+        assert out.dtype == np.float16
+        g = np.ones((6, 3), dtype=np.float16)
+        head.backward(g)
+        dW = head.grads()["W"]
+        assert dW.dtype == np.float16
+        np.testing.assert_allclose(
+            dW.astype(np.float64), Xq.T @ (1.0 - np.tanh(z / cap) ** 2), rtol=5e-3, atol=5e-3
+        )
