@@ -121,3 +121,32 @@ def test_float16_head_caps_its_logits_in_float32_like_its_loss():
         np.testing.assert_allclose(
             dW.astype(np.float64), Xq.T @ (1.0 - np.tanh(z / cap) ** 2), rtol=5e-3, atol=5e-3
         )
+
+
+def test_fit_validation_loss_is_the_mean_over_the_whole_set():
+    # With ignore_index and class weights, batches of the validation set have different
+    # divisors: averaging the batch means by their row counts is not the set's mean
+    # (fit(comm=...) computes the set's mean, so the two disagreed).
+    from gradcore import nn
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 4)), rng.integers(0, 3, 64)
+    Xv, yv = rng.standard_normal((2100, 4)), rng.integers(0, 3, 2100)
+    yv[:1024][rng.random(1024) < 0.9] = -1  # the first evaluation batch mostly ignored
+    w = np.array([1.0, 3.0, 0.5])
+    model = nn.MLP([4, 8, 3], "tanh", seed=1, dtype="float64")
+    history = gradcore.fit(
+        model,
+        X,
+        y,
+        loss="cross_entropy",
+        optimizer="sgd",
+        epochs=1,
+        batch_size=32,
+        progress=False,
+        validation=(Xv, yv),
+        loss_kwargs={"ignore_index": -1, "weight": w},
+    )
+    zt = torch.tensor(np.asarray(model.predict(Xv)))
+    want = F.cross_entropy(zt, torch.tensor(yv), weight=torch.tensor(w), ignore_index=-1)
+    np.testing.assert_allclose(history.val_loss[-1], want.item(), rtol=1e-12)
