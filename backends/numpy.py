@@ -1539,7 +1539,10 @@ def linear_cross_entropy(
     dxt_buf = np.empty((H, rows if need_dx else 0), dtype=dtype)
     dW = np.empty((H, V), dtype=dtype)
     db = None if bias is None else np.zeros(V, dtype=np.float64)
-    xs = np.empty((rows, H), dtype=dtype) if scale != 1.0 else None
+    # 1/divisor goes on the chunk's rows of x for dW only when it shrinks them: a
+    # divisor below 1 (tiny class weights) would push x * scale past the dtype's range
+    # (inf/NaN in dW); then dW is scaled once at the end instead.
+    xs = np.empty((rows, H), dtype=dtype) if scale < 1.0 else None
     gemm = _gemm(dtype)
     row_loss = np.empty(N, dtype=dtype) if args.reduction == "none" else None
     total = 0.0
@@ -1577,6 +1580,8 @@ def linear_cross_entropy(
             if db is not None:
                 db += np.add.reduce(g, axis=0, dtype=np.float64) * scale
 
+        if scale > 1.0:
+            np.multiply(dW, dtype.type(scale), out=dW)
         if row_loss is not None:
             loss = row_loss.reshape(x.shape[:-1])
         elif args.reduction == "mean":

@@ -150,3 +150,19 @@ def test_fit_validation_loss_is_the_mean_over_the_whole_set():
     zt = torch.tensor(np.asarray(model.predict(Xv)))
     want = F.cross_entropy(zt, torch.tensor(yv), weight=torch.tensor(w), ignore_index=-1)
     np.testing.assert_allclose(history.val_loss[-1], want.item(), rtol=1e-12)
+
+
+def test_linear_xent_fast_path_with_tiny_class_weights_keeps_dw_finite():
+    # The mean's divisor (sum of tiny class weights) is below 1: the NumPy fast path put
+    # 1/divisor on x before x.T @ g, and x * 1/divisor overflowed float32 (NaN and -inf
+    # in dW) where the generic body and PyTorch give finite gradients.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 4)) * 1e3).astype(np.float32)
+    W = (rng.standard_normal((4, 5)) * 1e-3).astype(np.float32)
+    labels = rng.integers(0, 5, 8)
+    weight = np.full(5, 1e-37, dtype=np.float32)
+    want = _torch_lxent(x, W, labels, weight=weight.astype(np.float64))
+    for fast in (True, False):
+        with gradcore.use_fast_paths(fast):
+            got = gradcore.linear_cross_entropy(x, W, labels, weight=weight, chunk_size=3)
+        _assert_matches(got[:3], want, rtol=1e-4, atol=1e-3)
