@@ -19,8 +19,9 @@ the global mean's gradient rows, in the same single pass over memory:
 - cross-entropy with class indices divides by :math:`\sum_i w_{y_i}` over the
   non-ignored rows (their count without weights): a first, cheap pass over the labels
   only (one task per label block and one sum) computes it, and every block task
-  depends on it. An all-ignored input gives a NaN loss and a zero gradient, as the
-  generic kernel does. With ``z_loss > 0`` (a term not scaled by the weights) the
+  depends on it. A zero divisor gives a NaN loss, NaN gradient rows for the rows not
+  ignored and zero rows for ignored ones (so an all-ignored input has a zero
+  gradient), as the generic kernel does. With ``z_loss > 0`` (a term not scaled by the weights) the
   block's gradient is divided by the divisor afterwards instead.
 
 Which inputs take this path: Dask arrays of float32 or float64 with known chunk sizes.
@@ -47,8 +48,9 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from gradcore._checks import is_floating
 from gradcore._dispatch import register_fast_path
-from gradcore.losses import _validate_bce, _validate_mse, _validate_xent
+from gradcore.losses import _label_masks, _validate_bce, _validate_mse, _validate_xent
 
 __all__ = ["binary_cross_entropy_with_logits", "mse", "softmax_cross_entropy"]
 
@@ -199,6 +201,13 @@ def _xent_block(
         return softmax_cross_entropy(x, labels, weight=weight, reduction=reduction, **options)
     xp = _namespace(x)
     d = float(divisor)
+    if d == 0.0 and not is_floating(xp, labels):
+        # 0/0 for every row not ignored, as on one array (and in PyTorch): NaN gradient
+        # rows there, zero rows for ignored ones; the loss is made NaN by ``_total``.
+        loss, grad = softmax_cross_entropy(x, labels, weight=weight, reduction="sum", **options)
+        counted = ~_label_masks(xp, labels, num_classes, options["ignore_index"])[1]
+        nan = xp.asarray(float("nan"), dtype=grad.dtype)
+        return loss, xp.where(counted[:, None], nan, grad)
     safe = d if d != 0.0 else 1.0
     if options["z_loss"] == 0.0:
         if weight is None:

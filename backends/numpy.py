@@ -84,7 +84,13 @@ from gradcore._checks import check_same_shape
 from gradcore._dispatch import check_thread_setting, get_num_threads, register_fast_path
 from gradcore.linear import _check_x_w
 from gradcore.linear_xent import _validate_lxent
-from gradcore.losses import _check_softcap, _validate_bce, _validate_mse, _validate_xent
+from gradcore.losses import (
+    _check_softcap,
+    _check_softcap_dtype,
+    _validate_bce,
+    _validate_mse,
+    _validate_xent,
+)
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -1393,6 +1399,7 @@ def _xent_softcap(
     cap = _check_softcap(softcap)
     assert cap is not None
     dtype = logits.dtype
+    _check_softcap_dtype(np_compat, cap, dtype)
     with np.errstate(all="ignore"):
         deriv = np.divide(logits, dtype.type(cap))  # every read of logits happens here
         np.tanh(deriv, out=deriv)
@@ -1510,6 +1517,13 @@ def linear_cross_entropy(
         scale = 1.0 / divisor if divisor != 0.0 else 1.0
     else:
         divisor, scale = 1.0, 1.0
+    # A zero divisor is 0/0 for every row not ignored (the generic body and PyTorch):
+    # their gradient rows are NaN, never a silent zero.
+    nan_rows = None
+    if args.reduction == "mean" and divisor == 0.0 and not args.soft:
+        nan_rows = lab != args.ignore_index
+        if not nan_rows.any():
+            nan_rows = None
 
     xent = {
         "weight": weight,
@@ -1525,7 +1539,10 @@ def linear_cross_entropy(
     dxt_buf = np.empty((H, rows if need_dx else 0), dtype=dtype)
     dW = np.empty((H, V), dtype=dtype)
     db = None if bias is None else np.zeros(V, dtype=np.float64)
-    xs = np.empty((rows, H), dtype=dtype) if scale != 1.0 else None
+    # 1/divisor goes on the chunk's rows of x for dW only when it shrinks them: a
+    # divisor below 1 (tiny class weights) would push x * scale past the dtype's range
+    # (inf/NaN in dW); then dW is scaled once at the end instead.
+    xs = np.empty((rows, H), dtype=dtype) if scale < 1.0 else None
     gemm = _gemm(dtype)
     row_loss = np.empty(N, dtype=dtype) if args.reduction == "none" else None
     total = 0.0
@@ -1538,6 +1555,8 @@ def linear_cross_entropy(
             if bias is not None:
                 z += bias
             loss_c, g = _xent_chunk(z, Y[r0:r1], xent)
+            if nan_rows is not None:
+                g[nan_rows[r0:r1]] = np.nan
             if row_loss is not None:
                 row_loss[r0:r1] = loss_c
             else:
@@ -1561,6 +1580,8 @@ def linear_cross_entropy(
             if db is not None:
                 db += np.add.reduce(g, axis=0, dtype=np.float64) * scale
 
+        if scale > 1.0:
+            np.multiply(dW, dtype.type(scale), out=dW)
         if row_loss is not None:
             loss = row_loss.reshape(x.shape[:-1])
         elif args.reduction == "mean":

@@ -29,6 +29,7 @@ from .linear import _check_x_w
 from .losses import (
     _check_labels_in_range,
     _check_softcap,
+    _check_softcap_dtype,
     _default_check_labels,
     _label_masks,
     _validate_xent,
@@ -162,6 +163,8 @@ def _validate_lxent(
         do_check = _default_check_labels(xp, x) if check_labels is None else check_labels
         if do_check:
             _check_labels_in_range(xp, labels, n_classes, args.ignore_index)
+    work_dtype = compute_dtype(xp, dtype)
+    _check_softcap_dtype(xp, cap, work_dtype)
     return LxentArgs(
         n_rows,
         n_in,
@@ -174,7 +177,7 @@ def _validate_lxent(
         cap,
         rows,
         dtype,
-        compute_dtype(xp, dtype),
+        work_dtype,
     )
 
 
@@ -235,7 +238,8 @@ def linear_cross_entropy(
         As in :func:`softmax_cross_entropy` (``reduction="none"`` returns the per-row
         losses and the gradients of their sum).
     softcap : float > 0, optional
-        Soft-cap the logits to :math:`c\tanh(z/c)` before the loss (Gemma 2).
+        Soft-cap the logits to :math:`c\tanh(z/c)` before the loss (Gemma 2); it must
+        be a normal, finite number of the dtype the logits are computed in.
     chunk_size : int >= 1, optional
         Rows per chunk. The default, :func:`default_chunk_rows`, makes a chunk's
         logits about as large as ``x`` (:math:`\lceil NH/V\rceil` rows), with at least
@@ -278,7 +282,9 @@ def linear_cross_entropy(
     :math:`\sum_i w_{y_i}` over non-ignored rows (:math:`N` for soft targets), which
     the labels alone determine: each chunk's :math:`G_k` is computed, used for its rows
     of :math:`\bar X` and its terms of :math:`\bar W`, :math:`\bar b`, and dropped.
-    An all-ignored batch gives a NaN mean and zero gradients, as in PyTorch.
+    An all-ignored batch gives a NaN mean and zero gradients, as in PyTorch; a zero
+    divisor with rows not ignored (their class weights all 0) gives NaN gradients for
+    those rows, as :func:`softmax_cross_entropy` does.
     """
     xp = get_namespace(x, W, labels, bias, weight, xp=xp)
     args = _validate_lxent(
@@ -305,12 +311,16 @@ def linear_cross_entropy(
     lab2 = xp.reshape(labels, (N, V) if args.soft else (N,))
     Ww = astype(xp, W, work)
     bw = None if bias is None else astype(xp, bias, work)
-    inv = safe = empty = None
+    inv = safe = empty = nan_rows = None
     if args.reduction == "mean":
         divisor = _mean_divisor(xp, lab2, weight, args, work)
         empty = divisor == 0
         safe = xp.where(empty, xp.ones_like(divisor), divisor)
         inv = 1.0 / safe
+        if not args.soft:
+            # A zero divisor is 0/0 for every row not ignored (as in
+            # softmax_cross_entropy and PyTorch): NaN rows, never a silent zero.
+            nan_rows = empty & ~_label_masks(xp, lab2, V, args.ignore_index)[1]
     xent_options = {
         "weight": weight,
         "ignore_index": args.ignore_index,
@@ -334,6 +344,9 @@ def linear_cross_entropy(
         loss_c, g = softmax_cross_entropy(z, lab2[start:stop, ...], xp=xp, **xent_options)
         if inv is not None:
             g = g * inv
+        if nan_rows is not None:
+            nan = xp.asarray(float("nan"), dtype=g.dtype, device=dev)
+            g = xp.where(nan_rows[start:stop, None], nan, g)
         if need_dx:
             dx_parts.append(xp.matmul(g, xp.matrix_transpose(Ww)))
         dW = dW + xp.matmul(xp.matrix_transpose(xc), g)

@@ -358,7 +358,9 @@ def softmax_cross_entropy(
         with a fast path). Raises ``ValueError`` for immutable (JAX) or read-only arrays.
     softcap : float > 0, optional
         Gemma 2's logit soft-capping: the loss sees :math:`c\tanh(x/c)` instead of
-        :math:`x`, and the gradient is with respect to the uncapped ``logits``.
+        :math:`x`, and the gradient is with respect to the uncapped ``logits``. It must
+        lie between the smallest normal and the largest finite number of the dtype
+        the loss is computed in (``ValueError`` otherwise: it would round to 0 or inf).
     xp : namespace, optional
         The array namespace; found from the inputs when omitted.
 
@@ -438,6 +440,7 @@ def softmax_cross_entropy(
     moved = args.axis != logits.ndim - 1
     x = xp.moveaxis(logits, args.axis, -1) if moved else logits
     cdtype = compute_dtype(xp, logits.dtype)
+    _check_softcap_dtype(xp, cap, cdtype)
     x = xp.astype(x, cdtype)
     if cap is not None:
         capped = xp.tanh(x / cap)
@@ -823,3 +826,20 @@ def _check_softcap(softcap: Any) -> float | None:
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
     return value
+
+
+def _check_softcap_dtype(xp: Any, cap: float | None, dtype: Any) -> None:
+    """Refuse a ``softcap`` that ``dtype`` (where the cap is applied) cannot hold.
+
+    Past the largest finite value the cap rounds to ``inf`` (``x / inf * inf`` is NaN);
+    below the smallest normal one it rounds to 0 or loses its digits: either way every
+    capped logit would be wrong, so the call fails instead of returning NaN.
+    """
+    if cap is None:
+        return
+    info = xp.finfo(dtype)
+    if not float(info.smallest_normal) <= cap <= float(info.max):
+        raise ValueError(
+            f"softcap must be within [{float(info.smallest_normal):g}, {float(info.max):g}] "
+            f"to be applied in {dtype}, got {cap!r}"
+        )

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import activations as _act
+from ._checks import astype, compute_dtype
 from ._namespace import Backend, check_array_argument, get_namespace, to_numpy
 from ._namespace import backend as _make_backend
 from .data import check_seed
@@ -602,10 +603,12 @@ class LinearCrossEntropy(Linear):
         z = super()._forward(x, keep, xp)
         if self.softcap is None:
             return z
-        t = xp.tanh(z / self.softcap)
+        # In the loss's compute dtype (float32 for float16/bfloat16), as the fused
+        # training loss caps: a cap past float16's range would round to inf (NaN logits).
+        t = xp.tanh(astype(xp, z, compute_dtype(xp, z.dtype)) / self.softcap)
         if keep:
             self._tanh = t  # not the output: a loss may overwrite that in place
-        return self.softcap * t
+        return astype(xp, self.softcap * t, z.dtype)
 
     def _forward_loss(
         self, x: Any, labels: Any, xp: Any, need_dx: bool, check_labels: bool | None
@@ -644,7 +647,7 @@ class LinearCrossEntropy(Linear):
                 raise RuntimeError(
                     "backward() needs a forward() first (each forward allows one backward)"
                 )
-            g = g * (1.0 - t * t)
+            g = g * astype(xp, 1.0 - t * t, g.dtype)
         return super()._backward(g, xp, need_dx)
 
     def _move(self, target: Backend) -> None:

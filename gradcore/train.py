@@ -453,20 +453,32 @@ def evaluate(
 
 def _batch_metrics(
     model: _nn.Module, loss: Any, loss_fn: LossFn, classification: bool
-) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """``(xb, yb) -> (loss, correct predictions or None)``, compiled on JAX."""
+) -> Callable[[Any, Any], tuple[Any, Any, Any]]:
+    """``(xb, yb) -> (loss, correct predictions or None, the mean's divisor or None)``,
+    compiled on JAX. The divisor (cross-entropy: the class weights of the non-ignored
+    rows summed; None: the number of rows) lets batch means make the set's mean."""
     b = model.backend
     xp = b.xp
     label_dtype = _label_dtype(b)
+    options = getattr(loss_fn, "keywords", None) or {}
+    ignore_index = int(options.get("ignore_index", -100))
+    weight = options.get("weight")
 
-    def metrics(params: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
+    def metrics(params: Any, xb: Any, yb: Any) -> tuple[Any, Any, Any]:
         model._assign(params)
         out = model._forward(xb, False, xp)
         value, _ = loss_fn(out, yb, xp=xp)
-        hits = None
+        hits = divisor = None
         if classification:
             hits = xp.sum(xp.astype(xp.argmax(out, axis=-1) == yb, label_dtype))
-        return value, hits
+            active = yb != ignore_index
+            if weight is None:
+                divisor = xp.sum(xp.astype(active, out.dtype))
+            else:
+                w_y = xp.take(weight, xp.where(active, yb, xp.zeros_like(yb)), axis=0)
+                w_y = xp.astype(w_y, out.dtype)
+                divisor = xp.sum(xp.where(active, w_y, xp.zeros_like(w_y)))
+        return value, hits, divisor
 
     if b.name != "jax" or not _jittable(model, loss, None):
         return lambda xb, yb: metrics(model.state_dict(), xb, yb)
@@ -474,7 +486,7 @@ def _batch_metrics(
 
     compiled = jax.jit(metrics)
 
-    def run(xb: Any, yb: Any) -> tuple[Any, Any]:
+    def run(xb: Any, yb: Any) -> tuple[Any, Any, Any]:
         params = model.state_dict()
         try:
             return compiled(params, xb, yb)
@@ -488,19 +500,26 @@ def _evaluate(
     model: _nn.Module,
     X: Any,
     y: Any,
-    metrics: Callable[[Any, Any], tuple[Any, Any]],
+    metrics: Callable[[Any, Any], tuple[Any, Any, Any]],
     batch_size: int,
 ) -> dict[str, float | None]:
     n = int(X.shape[0])
     total = 0.0
+    divisor = 0.0
     correct = 0
     for i in range(0, n, batch_size):
         stop = min(i + batch_size, n)
-        value, hits = metrics(X[i:stop, ...], y[i:stop, ...])
-        total += float(to_numpy(value)) * (stop - i)
+        value, hits, share = metrics(X[i:stop, ...], y[i:stop, ...])
+        # Each batch mean weighted by its own divisor: the mean over the whole set
+        # (with ignored rows or class weights, batches' divisors differ).
+        d = float(stop - i) if share is None else float(to_numpy(share))
+        if d != 0.0:  # a batch with nothing counted (its mean is 0/0) adds nothing
+            total += float(to_numpy(value)) * d
+            divisor += d
         if hits is not None:
             correct += int(to_numpy(hits))
-    return {"loss": total / n, "accuracy": correct / n if hits is not None else None}
+    loss = total / divisor if divisor != 0.0 else math.nan
+    return {"loss": loss, "accuracy": correct / n if hits is not None else None}
 
 
 def _one_rank_fails_all(func: Callable[..., History]) -> Callable[..., History]:
