@@ -135,9 +135,13 @@ def _run(x: Any, W: Any, labels: Any, bias: Any, weight: Any, args: Any, need_dx
                 divisor = cupy.sum(cupy.where(active, picked, 0.0)).astype(f32)
         empty = divisor == 0
         inv = f32(1.0) / cupy.where(empty, f32(1.0), divisor)
+        # A zero divisor with rows not ignored (their class weights all 0) is PyTorch's
+        # 0/0: NaN gradient rows, as the generic body gives them, never a silent zero.
+        nan_rows = None if args.soft else empty & active
     else:
         divisor = empty = cupy.zeros((), dtype=f32)  # unused
         inv = cupy.asarray(1.0, dtype=f32)
+        nan_rows = None
 
     xent = {
         "weight": weight,
@@ -173,6 +177,8 @@ def _run(x: Any, W: Any, labels: Any, bias: Any, weight: Any, args: Any, need_dx
         loss_c, g = softmax_cross_entropy(z, Y[r0:r1], inplace=True, **xent)
         if D is not None:
             g *= D[:n]
+        if nan_rows is not None:
+            cupy.copyto(g, f32(math.nan), where=nan_rows[r0:r1, None])  # no host sync
         if row_loss is not None:
             row_loss[r0:r1] = loss_c
         else:

@@ -51,6 +51,24 @@ def test_linear_xent_mean_with_zero_class_weights_has_nan_gradients(fast, chunk_
     _assert_matches(got[:3], want)
 
 
+@pytest.mark.gpu
+def test_cupy_linear_xent_mean_with_zero_class_weights_has_nan_gradients():
+    # The CuPy fast path scales by 1 / divisor with the divisor replaced by 1 when it
+    # is 0; the rows not ignored must still come out NaN, as on the other paths.
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 4)).astype(np.float32)
+    W = rng.standard_normal((4, 5)).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, -100, 0, 1])
+    weight = np.array([0.0, 0.0, 1.0, 1.0, 1.0], np.float32)
+    want = _torch_lxent(x.astype(np.float64), W.astype(np.float64), labels, weight=weight)
+    got = gradcore.linear_cross_entropy(
+        cupy.asarray(x), cupy.asarray(W), cupy.asarray(labels), weight=cupy.asarray(weight),
+        chunk_size=3,
+    )  # fmt: skip
+    _assert_matches([cupy.asnumpy(g) for g in got[:3]], want, rtol=1e-5, atol=1e-6)
+
+
 def test_dask_mean_with_zero_class_weights_has_nan_gradients():
     # The blocked fast path must agree with the generic body (and PyTorch): NaN rows for
     # the rows not ignored, zero rows for the ignored ones.
