@@ -991,11 +991,15 @@ class _Elementwise:
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """``sum(a * b)`` over two same-shaped blocks, any layout (float64 when strided)."""
-    if a.flags.c_contiguous and b.flags.c_contiguous:
-        return float(np.dot(a.reshape(-1), b.reshape(-1)))
-    idx = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
-    return float(np.einsum(f"{idx},{idx}->", a, b, dtype=np.float64))
+    """``sum(a * b)`` over two same-shaped blocks, any layout (float64 when strided).
+
+    A sum past the dtype's range is ``inf``, the loss PyTorch gives too: no warning.
+    """
+    with np.errstate(over="ignore"):
+        if a.flags.c_contiguous and b.flags.c_contiguous:
+            return float(np.dot(a.reshape(-1), b.reshape(-1)))
+        idx = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
+        return float(np.einsum(f"{idx},{idx}->", a, b, dtype=np.float64))
 
 
 def _mse_small(

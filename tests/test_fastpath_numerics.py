@@ -14,6 +14,7 @@ on the code before its fix.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -839,3 +840,22 @@ def test_loss_sums_beyond_float64_do_not_crash(kernel, blocked):
         loss, grad = fn(x, y, reduction="sum")
     assert np.isinf(loss)
     assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("small_blocks", [False, True])
+@pytest.mark.parametrize("n", [1000, 600_000])
+def test_mse_overflowing_total_is_inf_without_a_warning(n, small_blocks, request):
+    # PyTorch gives inf for a float32 mean whose sum of squares overflows, quietly.
+    if small_blocks:
+        request.getfixturevalue("blocked")
+    p = np.full(n, 1e19, np.float32)
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(p, requires_grad=True)
+    want = torch.nn.functional.mse_loss(t, torch.zeros(n))
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grad = mse(p, np.zeros(n, np.float32))
+    assert np.isinf(want.item())
+    assert np.isinf(loss)
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-6)
