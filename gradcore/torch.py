@@ -306,13 +306,16 @@ def _scale(grad: Tensor, d: Tensor | None, axis: int | None) -> Tensor | None:
     return grad * d
 
 
-def _functorch_twin(op: Any, setup: Any, backward: Any) -> Any:
-    """An ``autograd.Function`` with the op's autograd formula, for ``torch.func``.
+def _register_autograd(op: Any, setup: Any, backward: Any) -> Any:
+    """Register ``backward`` (first order only) as ``op``'s autograd formula, and return
+    its twin ``autograd.Function`` for ``torch.func``.
 
     A custom op's registered autograd formula is an old-style ``autograd.Function``,
     which ``torch.func`` transforms refuse; under a transform the public functions call
-    this twin instead, whose forward is the same op (run below the transform's level).
+    the twin instead, whose forward is the same op (run below the transform's level).
     """
+    backward = torch.autograd.function.once_differentiable(backward)
+    op.register_autograd(backward, setup_context=setup)
 
     class Twin(torch.autograd.Function):
         @staticmethod
@@ -461,9 +464,7 @@ def _backward_xent(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (_scale(grad, d_loss, ctx.axis), None, None, None, None, None, None, None)
 
 
-_backward_xent_once = torch.autograd.function.once_differentiable(_backward_xent)
-_xent_op.register_autograd(_backward_xent_once, setup_context=_setup_xent)
-_XentTwin = _functorch_twin(_xent_op, _setup_xent, _backward_xent_once)
+_XentTwin = _register_autograd(_xent_op, _setup_xent, _backward_xent)
 
 
 def cross_entropy(
@@ -603,17 +604,18 @@ def _lxent_forward(
             torch.from_numpy(dw).t().contiguous(),
             None if db is None else torch.from_numpy(db),
         )
-    det = [None if t is None else t.detach() for t in tensors]
+    b, c = (None if t is None else t.detach() for t in (bias, weight))
     loss, dx, dw, db = kernel(
-        det[0], det[1].t(), det[2], bias=det[3], weight=det[4], need_dx=need_grads, **keywords
-    )
+        input.detach(), linear_weight.detach().t(), target.detach(), bias=b, weight=c,
+        need_dx=need_grads, **keywords,
+    )  # fmt: skip
     if not need_grads:
         return loss.contiguous(), None, None, None
     return (
         loss.contiguous(),
         _as_declared(dx, input),
         _as_declared(dw.t(), linear_weight),
-        None if db is None else _as_declared(db, bias),
+        None if bias is None else _as_declared(db, bias),  # db exists exactly with a bias
     )
 
 
@@ -777,9 +779,7 @@ def _backward_lxent(ctx: Any, d_loss: Tensor | None, *_d_grads: Any) -> tuple[An
     return (dx, dw, None, db, None, *nones)
 
 
-_backward_lxent_once = torch.autograd.function.once_differentiable(_backward_lxent)
-_lxent_op.register_autograd(_backward_lxent_once, setup_context=_setup_lxent)
-_LxentTwin = _functorch_twin(_lxent_op, _setup_lxent, _backward_lxent_once)
+_LxentTwin = _register_autograd(_lxent_op, _setup_lxent, _backward_lxent)
 
 
 def linear_cross_entropy(
@@ -999,10 +999,15 @@ def _mse_op(
     return _mse_call(input, target, weight, reduction, False)
 
 
-@_mse_op.register_fake
-def _(input, target, weight, reduction):
+def _pointwise_fake(input: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """The loss (input-shaped for ``"none"``, else 0-d) and the gradient, as metadata."""
     shape = list(input.shape) if reduction == "none" else []
     return input.new_empty(shape), torch.empty_like(input)
+
+
+@_mse_op.register_fake
+def _(input, target, weight, reduction):
+    return _pointwise_fake(input, reduction)
 
 
 def _setup_elementwise(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -1023,9 +1028,7 @@ def _backward_mse(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (g if ctx.needs_input_grad[0] else None, d_target, None, None)
 
 
-_backward_mse_once = torch.autograd.function.once_differentiable(_backward_mse)
-_mse_op.register_autograd(_backward_mse_once, setup_context=_setup_elementwise)
-_MseTwin = _functorch_twin(_mse_op, _setup_elementwise, _backward_mse_once)
+_MseTwin = _register_autograd(_mse_op, _setup_elementwise, _backward_mse)
 
 
 def mse_loss(
@@ -1104,8 +1107,7 @@ def _bce_op(
 
 @_bce_op.register_fake
 def _(input, target, weight, pos_weight, reduction):
-    shape = list(input.shape) if reduction == "none" else []
-    return input.new_empty(shape), torch.empty_like(input)
+    return _pointwise_fake(input, reduction)
 
 
 def _backward_bce(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
@@ -1118,9 +1120,7 @@ def _backward_bce(ctx: Any, d_loss: Tensor, _d_grad: Any) -> tuple[Any, ...]:
     return (_scale(grad, d_loss, 0), None, None, None, None)
 
 
-_backward_bce_once = torch.autograd.function.once_differentiable(_backward_bce)
-_bce_op.register_autograd(_backward_bce_once, setup_context=_setup_elementwise)
-_BceTwin = _functorch_twin(_bce_op, _setup_elementwise, _backward_bce_once)
+_BceTwin = _register_autograd(_bce_op, _setup_elementwise, _backward_bce)
 
 
 def binary_cross_entropy_with_logits(
