@@ -684,11 +684,16 @@ class LinearCrossEntropy(Linear):
         )
 
 
+def _last_layer(model: Module) -> Module:
+    """The layer that produces ``model``'s output, inside any nested Sequential."""
+    while isinstance(model, Sequential):
+        model = model.layers[-1]
+    return model
+
+
 def _holds_fused_gradient(model: Module) -> bool:
     """Whether ``model`` ends in a :class:`LinearCrossEntropy` head that ran forward_loss."""
-    last = model
-    while isinstance(last, Sequential) and last.layers:
-        last = last.layers[-1]
+    last = _last_layer(model)
     return isinstance(last, LinearCrossEntropy) and last._fused
 
 

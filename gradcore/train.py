@@ -294,18 +294,12 @@ def _check_outputs(
 
 def _output_unsaved(model: _nn.Module) -> bool:
     """Whether no layer keeps the model's output for its backward pass."""
-    last: _nn.Module = model
-    while isinstance(last, _nn.Sequential):
-        last = last.layers[-1]
-    return isinstance(last, _nn.Linear)
+    return isinstance(_nn._last_layer(model), _nn.Linear)
 
 
 def _last_layer_is_fused_head(model: _nn.Module) -> bool:
     """Whether the model ends in a :class:`~gradcore.nn.LinearCrossEntropy` head."""
-    last: _nn.Module = model
-    while isinstance(last, _nn.Sequential):
-        last = last.layers[-1]
-    return isinstance(last, _nn.LinearCrossEntropy)
+    return isinstance(_nn._last_layer(model), _nn.LinearCrossEntropy)
 
 
 def _check_fused_head_options(model: _nn.Module, loss_options: dict[str, Any], dp: bool) -> None:
@@ -316,9 +310,7 @@ def _check_fused_head_options(model: _nn.Module, loss_options: dict[str, Any], d
             "LinearCrossEntropy head: it computes its own loss (label_smoothing, z_loss and "
             "softcap are set when the head is built); use a Linear last layer for these options"
         )
-    head: Any = model
-    while isinstance(head, _nn.Sequential):
-        head = head.layers[-1]
+    head: Any = _nn._last_layer(model)
     if dp and (head.label_smoothing or head.z_loss):
         raise ValueError(
             "data-parallel fit (comm=) with a LinearCrossEntropy head supports neither "
